@@ -1,0 +1,49 @@
+"""Dense export: the same architecture with plain torch layers and masked weights."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .._validation import check_module
+from ..layers.base import SparseLayer, sparse_layers
+
+__all__ = ["to_dense"]
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Return a copy of ``model`` with every sparse layer replaced by its plain torch twin.
+
+    The copy's ``state_dict`` has the same keys as the original (pre-conversion) architecture, so
+    ``original.load_state_dict(to_dense(model).state_dict())`` works, and in eval mode its outputs equal
+    the thresholded sparse model's. ``model`` itself is not changed.
+
+    Args:
+        model: A model whose sparse layers have been thresholded with :func:`bayes_sparse.threshold_`.
+
+    Returns:
+        A new module made only of the original torch layer classes.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        RuntimeError: a sparse layer has no fixed mask yet (call ``threshold_`` first).
+
+    Example:
+        >>> import bayes_sparse as bs
+        >>> layer = bs.VDLinear(4, 2); _ = bs.threshold_(layer)
+        >>> type(bs.to_dense(layer)).__name__
+        'Linear'
+    """
+    check_module(model)
+    unfixed = [name or type(layer).__name__ for name, layer in sparse_layers(model) if not bool(layer.mask_fixed)]
+    if unfixed:
+        raise RuntimeError(f"layers {unfixed} have no fixed mask; call bayes_sparse.threshold_(model) before to_dense")
+    if isinstance(model, SparseLayer):
+        return model.to_dense()
+    out = copy.deepcopy(model)
+    for name, layer in list(sparse_layers(out)):
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, layer.to_dense())
+    return out

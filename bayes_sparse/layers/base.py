@@ -1,0 +1,188 @@
+"""The protocol every sparse layer follows, and helpers to walk a model's sparse layers.
+
+A sparse layer is a subclass of the torch layer it replaces (``nn.Linear``, ``nn.Conv2d``, ...) mixed
+with :class:`SparseLayer`. It keeps the torch layer's constructor, attributes and ``state_dict`` keys
+(``weight``, ``bias``), adds its own parameters (e.g. ``log_sigma2``) and two buffers:
+
+* ``weight_mask`` (bool, shaped like ``weight``): the hard mask fixed by thresholding;
+* ``mask_fixed`` (bool scalar): whether ``weight_mask`` has been fixed. Until it is, evaluation uses the
+  method's own default criterion (for Sparse VD: ``log alpha < 3``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validation import check_input_dtype, check_module
+
+__all__ = ["SUPPORTED_DENSE_TYPES", "SparseLayer", "dense_kwargs", "sparse_layers"]
+
+#: The torch layer types a sparse layer can stand in for, in the order their subclasses are searched.
+SUPPORTED_DENSE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _expected_weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    if isinstance(layer, nn.Linear):
+        return (layer.out_features, layer.in_features)
+    return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+
+
+def dense_kwargs(layer: nn.Module) -> dict[str, Any]:
+    """Constructor arguments that rebuild ``layer``'s geometry (Linear or ConvNd), device and dtype included."""
+    common = {"bias": layer.bias is not None, "device": layer.weight.device, "dtype": layer.weight.dtype}
+    if isinstance(layer, nn.Linear):
+        return {"in_features": layer.in_features, "out_features": layer.out_features, **common}
+    if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
+        return {
+            "in_channels": layer.in_channels, "out_channels": layer.out_channels,
+            "kernel_size": layer.kernel_size, "stride": layer.stride, "padding": layer.padding,
+            "dilation": layer.dilation, "groups": layer.groups, "padding_mode": layer.padding_mode, **common,
+        }
+    raise TypeError(f"no dense geometry known for {type(layer).__name__}; supported: "
+                    + ", ".join(t.__name__ for t in SUPPORTED_DENSE_TYPES))
+
+
+class SparseLayer:
+    """Mixin holding what all sparse layers share. Subclasses implement :meth:`keep_score`,
+    :meth:`criterion_mask`, :meth:`regularizer` and the training-mode :meth:`_forward_train`.
+
+    Attributes:
+        dense_type: The torch class this layer stands in for (set automatically from the bases).
+    """
+
+    dense_type: type[nn.Module]
+    #: Name of the method family ("vd", ...), used in reports and error messages.
+    method: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in cls.__mro__:
+            if base in SUPPORTED_DENSE_TYPES:
+                cls.dense_type = base
+                break
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the torch layer's own constructor, same arguments
+        w = self.weight
+        self.register_buffer("weight_mask", torch.ones(w.shape, dtype=torch.bool, device=w.device))
+        self.register_buffer("mask_fixed", torch.zeros((), dtype=torch.bool, device=w.device))
+        self._init_method_parameters()
+
+    # ----- to be provided by a method family -------------------------------------------------------
+    def _init_method_parameters(self) -> None:
+        raise NotImplementedError
+
+    def keep_score(self) -> Tensor:
+        """Per-weight score, higher means more worth keeping (what thresholding ranks on)."""
+        raise NotImplementedError
+
+    def criterion_mask(self, threshold: float | None = None) -> Tensor:
+        """Boolean mask by the method's own criterion (default threshold when ``None``)."""
+        raise NotImplementedError
+
+    def regularizer(self) -> Tensor:
+        """The layer's KL divergence or penalty, summed over its weights (a scalar tensor)."""
+        raise NotImplementedError
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ----- shared behaviour ------------------------------------------------------------------------
+    def _affine(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The torch layer's own operation with a substituted weight (padding_mode included)."""
+        if isinstance(self, nn.Linear):
+            return F.linear(x, weight, bias)
+        return self._conv_forward(x, weight, bias)
+
+    def hard_mask(self) -> Tensor:
+        """The fixed mask after thresholding, else the default criterion's mask."""
+        return self.weight_mask if bool(self.mask_fixed) else self.criterion_mask()
+
+    def masked_weight(self) -> Tensor:
+        """``weight`` with the hard mask applied: what evaluation and the dense export use."""
+        return self.weight * self.hard_mask().to(self.weight.dtype)
+
+    def set_mask_(self, mask: Tensor) -> "SparseLayer":
+        """Fix the hard mask (bool, shaped like ``weight``); later forwards in both modes use it."""
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(self.weight.shape)}")
+        with torch.no_grad():
+            self.weight_mask.copy_(mask.to(torch.bool))
+            self.mask_fixed.fill_(True)
+        return self
+
+    def clear_mask_(self) -> "SparseLayer":
+        """Forget a fixed mask: evaluation goes back to the default criterion."""
+        with torch.no_grad():
+            self.weight_mask.fill_(True)
+            self.mask_fixed.fill_(False)
+        return self
+
+    @property
+    def density(self) -> float:
+        """Fraction of weights kept by :meth:`hard_mask`."""
+        m = self.hard_mask()
+        return float(m.sum()) / m.numel()
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input_dtype(self, x, self.weight)
+        if self.training:
+            return self._forward_train(x)
+        return self._affine(x, self.masked_weight(), self.bias)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module) -> "SparseLayer":
+        """Build this sparse layer from a trained torch layer, copying ``weight`` and ``bias``.
+
+        Args:
+            layer: An instance of :attr:`dense_type` (not already a sparse layer).
+
+        Returns:
+            A new layer on the same device and dtype whose eval output equals ``layer``'s until training
+            changes it.
+
+        Raises:
+            TypeError: ``layer`` is not a plain ``dense_type`` instance.
+            ValueError: ``layer.weight``/``layer.bias`` do not have the shapes its attributes imply.
+        """
+        if isinstance(layer, SparseLayer) or not isinstance(layer, cls.dense_type):
+            raise TypeError(f"{cls.__name__}.from_dense expects a torch.nn.{cls.dense_type.__name__}, got "
+                            f"{type(layer).__name__}; pick the sparse class matching the layer type")
+        expected = _expected_weight_shape(layer)
+        if tuple(layer.weight.shape) != expected:
+            raise ValueError(f"{type(layer).__name__}.weight has shape {tuple(layer.weight.shape)} but its attributes "
+                             f"imply {expected}; fix the layer's weight or its in/out sizes before converting")
+        if layer.bias is not None and tuple(layer.bias.shape) != (expected[0],):
+            raise ValueError(f"{type(layer).__name__}.bias has shape {tuple(layer.bias.shape)}, expected ({expected[0]},)")
+        new = cls(**dense_kwargs(layer))
+        with torch.no_grad():
+            new.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        new.train(layer.training)
+        return new
+
+    def to_dense(self) -> nn.Module:
+        """The plain torch twin with the masked weights (same class as the layer this one replaced)."""
+        dense = self.dense_type(**dense_kwargs(self))
+        with torch.no_grad():
+            dense.weight.copy_(self.masked_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        dense.train(self.training)
+        return dense
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        return super().extra_repr() + f", method={self.method}"
+
+
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
+    """Yield ``(qualified_name, layer)`` for every sparse layer in ``model`` (the root included, named "")."""
+    check_module(model)
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLayer):
+            yield name, module
