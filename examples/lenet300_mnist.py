@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
         stats["test_error"] = bs.error_rate(net, mnist.x_test, mnist.y_test)
         stats["compression"] = bs.report(net).compression  # by the default log alpha < 3 criterion
         curve.append(stats)
+        if args.no_progress:  # one line per epoch instead of a bar (logs, CI)
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f}, test error "
+                  f"{100 * stats['test_error']:.2f}%, compression {stats['compression']:.1f}x", flush=True)
 
     print(f"LeNet-300-100 Sparse VD on MNIST ({n} train / {mnist.x_test.shape[0]} test), {args.epochs} epochs, "
           f"batch {args.batch_size}, lr {args.lr}, KL warm-up {warmup}", flush=True)
