@@ -80,7 +80,7 @@ class SVIModel:
     def _check_batch(self, x: Tensor, y: Optional[Tensor]) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.shape[0] > self.num_data:
+        if y is not None and x.shape[0] > self.num_data:
             raise ValueError(f"the batch has {x.shape[0]} examples but num_data={self.num_data}; "
                              "num_data must be the full training set size")
         if y is None:
@@ -112,8 +112,9 @@ class SVIModel:
         pyro.module(self.name, self.net)
         batch = x.shape[0]
         # The minibatch was drawn by the data loader; handing Pyro its positions keeps the N/B scale
-        # without a second, unused random draw of indices.
-        with pyro.plate("data", size=self.num_data, subsample_size=batch,
+        # without a second, unused random draw of indices. Prediction (y=None) needs no scale.
+        size = self.num_data if y is not None else max(batch, self.num_data)
+        with pyro.plate("data", size=size, subsample_size=batch,
                         subsample=torch.arange(batch, device=x.device)):
             out = self.net(x)
             if y is not None and self.likelihood == "gaussian" and y.shape != out.shape:
