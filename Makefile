@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 # torch/torchvision lie on this machine's disk (a CUDA build); elsewhere pip downloads them.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-DEMO_ARGS  ?= --epochs 12
+DEMO_ARGS  ?= --epochs 20
 
 .PHONY: setup demo test bench-lenet300 clean
 

