@@ -6,6 +6,7 @@ Swap layers for sparse ones (:class:`VDLinear`, :class:`VDConv2d`, ...), train w
 """
 
 from . import data, functional, infer
+from .convert import ConversionReport, conversion_report, methods, register, sparsify
 from .export import to_dense
 from .infer import SVIModel, error_rate, fit_svi
 from .layers import SparseLayer, VDConv1d, VDConv2d, VDConv3d, VDLinear, sparse_layers
@@ -16,6 +17,7 @@ from .threshold import threshold_
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionReport",
     "SVIModel",
     "SparseLayer",
     "SparsityReport",
@@ -23,14 +25,18 @@ __all__ = [
     "VDConv2d",
     "VDConv3d",
     "VDLinear",
+    "conversion_report",
     "data",
     "error_rate",
     "fit_svi",
     "functional",
     "infer",
     "kl",
+    "methods",
+    "register",
     "report",
     "sparse_layers",
+    "sparsify",
     "threshold_",
     "to_dense",
 ]

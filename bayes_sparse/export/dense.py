@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from .._validation import check_module
-from ..layers.base import SparseLayer, sparse_layers
+from ..layers.base import SparseLayer, replace_module_, sparse_layers
 
 __all__ = ["to_dense"]
 
@@ -43,7 +43,5 @@ def to_dense(model: nn.Module) -> nn.Module:
         return model.to_dense()
     out = copy.deepcopy(model)
     for name, layer in list(sparse_layers(out)):
-        parent_name, _, child = name.rpartition(".")
-        parent = out.get_submodule(parent_name) if parent_name else out
-        setattr(parent, child, layer.to_dense())
+        replace_module_(out, name, layer.to_dense())
     return out

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._validation import check_input_dtype, check_module
 
-__all__ = ["SUPPORTED_DENSE_TYPES", "SparseLayer", "dense_kwargs", "sparse_layers"]
+__all__ = ["SUPPORTED_DENSE_TYPES", "SparseLayer", "dense_kwargs", "replace_module_", "sparse_layers"]
 
 #: The torch layer types a sparse layer can stand in for, in the order their subclasses are searched.
 SUPPORTED_DENSE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -138,17 +138,22 @@ class SparseLayer:
     def from_dense(cls, layer: nn.Module) -> "SparseLayer":
         """Build this sparse layer from a trained torch layer, copying ``weight`` and ``bias``.
 
+        Method families override this to add their own keyword-only initialisation options.
+
         Args:
             layer: An instance of :attr:`dense_type` (not already a sparse layer).
 
         Returns:
-            A new layer on the same device and dtype whose eval output equals ``layer``'s until training
-            changes it.
+            A new layer on the same device and dtype. ``to_dense`` gives back ``layer``'s exact class.
 
         Raises:
             TypeError: ``layer`` is not a plain ``dense_type`` instance.
             ValueError: ``layer.weight``/``layer.bias`` do not have the shapes its attributes imply.
         """
+        return cls._copy_from_dense(layer)
+
+    @classmethod
+    def _copy_from_dense(cls, layer: nn.Module) -> "SparseLayer":
         if isinstance(layer, SparseLayer) or not isinstance(layer, cls.dense_type):
             raise TypeError(f"{cls.__name__}.from_dense expects a torch.nn.{cls.dense_type.__name__}, got "
                             f"{type(layer).__name__}; pick the sparse class matching the layer type")
@@ -164,11 +169,12 @@ class SparseLayer:
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
         new.train(layer.training)
+        new._dense_origin = type(layer)
         return new
 
     def to_dense(self) -> nn.Module:
-        """The plain torch twin with the masked weights (same class as the layer this one replaced)."""
-        dense = self.dense_type(**dense_kwargs(self))
+        """The plain torch twin with the masked weights (the class this layer was converted from, if any)."""
+        dense = getattr(self, "_dense_origin", self.dense_type)(**dense_kwargs(self))
         with torch.no_grad():
             dense.weight.copy_(self.masked_weight())
             if self.bias is not None:
@@ -186,3 +192,12 @@ def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, SparseLayer):
             yield name, module
+
+
+def replace_module_(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the qualified ``name`` inside ``root`` (in place); returns ``new`` when ``name`` is ""."""
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    return root

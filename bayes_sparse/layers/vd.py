@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as BF
+from .._validation import check_number
 from .base import SparseLayer
 
 __all__ = ["DEFAULT_LOG_ALPHA_THRESHOLD", "INIT_LOG_SIGMA2", "VDConv1d", "VDConv2d", "VDConv3d", "VDLinear"]
@@ -36,6 +37,43 @@ class _VDLayer(SparseLayer):
         if "log_sigma2" in self._parameters:
             with torch.no_grad():
                 self.log_sigma2.fill_(INIT_LOG_SIGMA2)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, *, init_log_sigma2: float = INIT_LOG_SIGMA2,
+                   init_log_alpha_max: float | None = 0.0) -> "_VDLayer":
+        """Build the Sparse VD layer from a trained torch layer, copying ``weight`` and ``bias``.
+
+        ``log sigma^2`` starts at ``init_log_sigma2`` (-10, the official recipe), lowered for the smallest
+        weights so that no weight starts with ``log alpha`` above ``init_log_alpha_max`` (default 0, a
+        dropout rate of at most 1/2). So nothing starts pruned and, until training moves it, the layer in
+        eval computes exactly what ``layer`` did. ``init_log_alpha_max=None`` keeps -10 everywhere.
+
+        Args:
+            layer: A plain torch layer of this class's :attr:`dense_type`.
+            init_log_sigma2: Initial log variance, a finite number.
+            init_log_alpha_max: Cap on the initial log alpha, in [-8, 3), or ``None`` for no cap.
+
+        Raises:
+            TypeError: wrong layer type.
+            ValueError: inconsistent layer shapes or option values out of range.
+
+        Example:
+            >>> dense = nn.Linear(3, 2)
+            >>> torch.equal(VDLinear.from_dense(dense).eval()(torch.ones(1, 3)), dense(torch.ones(1, 3)))
+            True
+        """
+        init_log_sigma2 = check_number(init_log_sigma2, "init_log_sigma2")
+        if init_log_alpha_max is not None:
+            init_log_alpha_max = check_number(init_log_alpha_max, "init_log_alpha_max", low=-BF.LOG_ALPHA_CLIP,
+                                              high=DEFAULT_LOG_ALPHA_THRESHOLD - 1e-3,
+                                              hint="It must stay below the pruning threshold 3.")
+        new = cls._copy_from_dense(layer)
+        with torch.no_grad():
+            new.log_sigma2.fill_(init_log_sigma2)
+            if init_log_alpha_max is not None:
+                cap = torch.log(new.weight * new.weight + BF._THETA2_EPS) + init_log_alpha_max
+                torch.minimum(new.log_sigma2, cap, out=new.log_sigma2)
+        return new
 
     @property
     def log_alpha(self) -> Tensor:

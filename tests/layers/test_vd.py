@@ -61,6 +61,19 @@ def test_from_dense_copies_weights_and_training_mean_matches(case):
     mean, var = BF.local_reparam_moments(x, layer.weight, layer.log_alpha, layer.bias, layer._affine)
     torch.testing.assert_close(mean, dense(x))
     torch.testing.assert_close(layer(x), dense(x), atol=6 * var.sqrt().max().item(), rtol=0)
+    # nothing starts pruned: in eval the converted layer computes exactly what the dense one did
+    assert torch.equal(layer.eval()(x), dense.eval()(x))
+    assert layer.log_alpha.max() <= 0.0 and (layer.log_sigma2 <= -10.0).all()
+    # the paper's plain initialisation is available too
+    plain = _vd_class(suffix).from_dense(dense, init_log_alpha_max=None)
+    assert torch.all(plain.log_sigma2 == -10.0)
+
+
+def test_from_dense_option_errors():
+    with pytest.raises(ValueError, match=r"init_log_alpha_max must be in \[-8.0, 2.999\], got 3.0"):
+        bs.VDLinear.from_dense(nn.Linear(2, 2), init_log_alpha_max=3.0)
+    with pytest.raises(ValueError, match="init_log_sigma2 must be a finite number"):
+        bs.VDLinear.from_dense(nn.Linear(2, 2), init_log_sigma2=float("nan"))
 
 
 def test_from_dense_errors():

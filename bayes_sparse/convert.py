@@ -1,0 +1,211 @@
+"""Conversion of any model through a type-keyed registry: ``sparsify(model, method="vd", ...)``.
+
+The registry maps ``method -> {torch layer type: sparse layer class}``. Lookup is by exact type, so a
+subclass of ``nn.Linear`` that is used by its parent in a special way (e.g. ``MultiheadAttention.out_proj``)
+is never swapped silently; register it to opt in.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+from torch import nn
+
+from ._validation import check_module
+from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_module_
+from .layers.vd import VDConv1d, VDConv2d, VDConv3d, VDLinear
+
+__all__ = ["ConversionReport", "conversion_report", "methods", "register", "sparsify"]
+
+logger = logging.getLogger(__name__)
+
+Selector = Union[type, str]
+Converter = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, dict[type, Converter]] = {}
+
+
+def register(method: str, dense_type: type, converter: Converter) -> None:
+    """Register how ``method`` converts layers of exactly ``dense_type``.
+
+    Args:
+        method: Method name, e.g. ``"vd"``.
+        dense_type: The torch layer type to convert (matched exactly, not by subclass).
+        converter: A :class:`SparseLayer` subclass (its ``from_dense`` is used) or a callable
+            ``converter(layer, **method_options) -> nn.Module``.
+
+    Raises:
+        TypeError: ``dense_type`` is not an ``nn.Module`` subclass or ``converter`` is not callable.
+
+    Example:
+        >>> class MyLinear(nn.Linear): pass
+        >>> register("vd", MyLinear, VDLinear)
+    """
+    if not (isinstance(dense_type, type) and issubclass(dense_type, nn.Module)):
+        raise TypeError(f"dense_type must be an nn.Module subclass, got {dense_type!r}")
+    if not callable(converter):
+        raise TypeError(f"converter must be a SparseLayer class or a callable, got {converter!r}")
+    _REGISTRY.setdefault(method, {})[dense_type] = converter
+
+
+def methods() -> list[str]:
+    """Names of the registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+for _dense, _sparse in zip(SUPPORTED_DENSE_TYPES, (VDLinear, VDConv1d, VDConv2d, VDConv3d)):
+    register("vd", _dense, _sparse)
+
+
+def _convert_fn(converter: Converter) -> Callable[..., nn.Module]:
+    return converter.from_dense if isinstance(converter, type) and issubclass(converter, SparseLayer) else converter
+
+
+def _accepted_options(converter: Converter) -> Optional[set[str]]:
+    """Keyword options a converter accepts (None when it takes **kwargs)."""
+    params = list(inspect.signature(_convert_fn(converter)).parameters.values())[1:]  # skip the layer
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _check_selectors(selectors: Optional[Iterable[Selector]], arg: str) -> list[Selector]:
+    if selectors is None:
+        return []
+    if isinstance(selectors, (str, type)):
+        selectors = [selectors]
+    out = list(selectors)
+    for s in out:
+        if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):
+            raise TypeError(f"{arg} entries must be module types, names or name patterns, got {s!r}")
+    return out
+
+
+def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
+    """A type matches instances; a string matches the module's name or an ancestor's, exactly or as a glob."""
+    if isinstance(selector, type):
+        return isinstance(module, selector)
+    parts = name.split(".") if name else [""]
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(p, selector) for p in prefixes)
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What :func:`sparsify` converted and what it left as it was. ``print()`` it for a table."""
+
+    converted: tuple[tuple[str, str, str], ...]  # (name, original type, sparse type)
+    kept: tuple[tuple[str, str, str], ...]  # (name, type, reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"converted": [dict(zip(("name", "from", "to"), r)) for r in self.converted],
+                "kept": [dict(zip(("name", "type", "reason"), r)) for r in self.kept]}
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layer(s):"]
+        lines += [f"  {n or '(root)'}: {a} -> {b}" for n, a, b in self.converted]
+        lines.append(f"left as they were {len(self.kept)} layer(s) with weights:")
+        lines += [f"  {n or '(root)'}: {t} ({why})" for n, t, why in self.kept]
+        return "\n".join(lines)
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """List the sparse layers of ``model`` and the modules with their own parameters that are not sparse.
+
+    Example:
+        >>> m = sparsify(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+        >>> len(conversion_report(m).converted), conversion_report(m).kept[0][1]
+        (1, 'BatchNorm1d')
+    """
+    check_module(model)
+    converted, kept = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLayer):
+            converted.append((name, getattr(m, "_dense_origin", m.dense_type).__name__, type(m).__name__))
+        elif any(True for _ in m.parameters(recurse=False)):
+            reason = "excluded or not selected" if type(m) in _all_registered_types() else "no conversion registered"
+            kept.append((name, type(m).__name__, reason))
+    return ConversionReport(tuple(converted), tuple(kept))
+
+
+def _all_registered_types() -> set[type]:
+    return {t for table in _REGISTRY.values() for t in table}
+
+
+def sparsify(model: nn.Module, method: str = "vd", include: Optional[Sequence[Selector]] = None,
+             exclude: Optional[Sequence[Selector]] = None, inplace: bool = False, **method_options: Any) -> nn.Module:
+    """Swap every supported layer of ``model`` for its sparse twin, copying the pretrained weights.
+
+    Args:
+        model: Any module (a torchvision network, a user model, or a single layer).
+        method: Registered method name (see :func:`methods`).
+        include: Only convert modules matching one of these: module types, qualified names or glob
+            patterns (``"features.*"``); a name also selects everything below it. ``None`` selects all.
+        exclude: Never convert modules matching one of these (same forms); wins over ``include``.
+        inplace: Change ``model`` itself (returned) instead of a deep copy.
+        **method_options: Passed to the method's converter, e.g. ``init_log_alpha=-8.0`` for ``"vd"``.
+
+    Returns:
+        The converted model. :func:`conversion_report` lists what was converted and what was left.
+
+    Raises:
+        TypeError: ``model`` is not a module; an option the method does not accept (the accepted ones are
+            listed); a layer explicitly included by name or type whose conversion is not registered.
+        ValueError: unknown method; an ``include``/``exclude`` entry that matches nothing; a model with no
+            supported layers.
+
+    Example:
+        >>> net = sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), exclude=["2"])
+        >>> [type(m).__name__ for m in net]
+        ['VDLinear', 'ReLU', 'Linear']
+    """
+    check_module(model)
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(methods())}")
+    table = _REGISTRY[method]
+    include_l, exclude_l = _check_selectors(include, "include"), _check_selectors(exclude, "exclude")
+    named = list(model.named_modules())
+    for arg, sel_list in (("include", include_l), ("exclude", exclude_l)):
+        for s in sel_list:
+            if not any(_matches(s, n, m) for n, m in named):
+                sample = ", ".join(repr(n) for n, _ in named[1:13]) + (" ..." if len(named) > 13 else "")
+                raise ValueError(f"{arg} entry {s!r} matches no module of {type(model).__name__}; "
+                                 f"module names are: {sample}")
+    for opt_owner in {table[t] for t in table}:
+        accepted = _accepted_options(opt_owner)
+        unknown = set(method_options) - accepted if accepted is not None else set()
+        if unknown:
+            raise TypeError(f"method {method!r} has no option(s) {sorted(unknown)}; accepted: {sorted(accepted)}")
+
+    targets = []
+    for name, m in named:
+        if isinstance(m, SparseLayer):
+            continue
+        if exclude_l and any(_matches(s, name, m) for s in exclude_l):
+            continue
+        explicit = [s for s in include_l if _matches(s, name, m)]
+        if include_l and not explicit:
+            continue
+        if type(m) in table:
+            targets.append(name)
+        elif any((isinstance(s, type) and type(m) is s) or (isinstance(s, str) and s == name) for s in explicit):
+            raise TypeError(f"{name!r} ({type(m).__name__}) was explicitly included but method {method!r} has no "
+                            f"conversion for {type(m).__name__}; supported: "
+                            f"{', '.join(t.__name__ for t in table)}. Register one with bayes_sparse.register(...)")
+    if not targets:
+        found = sorted({type(m).__name__ for _, m in named if any(True for _ in m.parameters(recurse=False))})
+        raise ValueError(f"no layer of {type(model).__name__} can be converted by method {method!r} with the given "
+                         f"include/exclude; layers with weights found: {found or 'none'}; supported: "
+                         f"{', '.join(t.__name__ for t in table)}")
+
+    out = model if inplace else copy.deepcopy(model)
+    for name in targets:
+        layer = out.get_submodule(name)
+        out = replace_module_(out, name, _convert_fn(table[type(layer)])(layer, **method_options))
+    logger.info("sparsify(%s): converted %d layer(s)", method, len(targets))
+    return out
