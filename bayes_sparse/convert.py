@@ -127,10 +127,14 @@ def conversion_report(model: nn.Module) -> ConversionReport:
     for name, m in model.named_modules():
         if isinstance(m, SparseLayer):
             converted.append((name, getattr(m, "_dense_origin", m.dense_type).__name__, type(m).__name__))
-        elif any(True for _ in m.parameters(recurse=False)):
+        elif _has_own_params(m):
             reason = "excluded or not selected" if type(m) in _all_registered_types() else "no conversion registered"
             kept.append((name, type(m).__name__, reason))
     return ConversionReport(tuple(converted), tuple(kept))
+
+
+def _has_own_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters(recurse=False))
 
 
 def _all_registered_types() -> set[type]:
@@ -193,12 +197,13 @@ def sparsify(model: nn.Module, method: str = "vd", include: Optional[Sequence[Se
             continue
         if type(m) in table:
             targets.append(name)
-        elif any((isinstance(s, type) and type(m) is s) or (isinstance(s, str) and s == name) for s in explicit):
+        elif _has_own_params(m) and any((isinstance(s, type) and type(m) is s) or (isinstance(s, str) and s == name)
+                                        for s in explicit):
             raise TypeError(f"{name!r} ({type(m).__name__}) was explicitly included but method {method!r} has no "
                             f"conversion for {type(m).__name__}; supported: "
                             f"{', '.join(t.__name__ for t in table)}. Register one with bayes_sparse.register(...)")
     if not targets:
-        found = sorted({type(m).__name__ for _, m in named if any(True for _ in m.parameters(recurse=False))})
+        found = sorted({type(m).__name__ for _, m in named if _has_own_params(m)})
         raise ValueError(f"no layer of {type(model).__name__} can be converted by method {method!r} with the given "
                          f"include/exclude; layers with weights found: {found or 'none'}; supported: "
                          f"{', '.join(t.__name__ for t in table)}")

@@ -71,11 +71,22 @@ class SVIModel:
             raise ValueError(f"unknown likelihood {likelihood!r}; known: {', '.join(LIKELIHOODS)}")
         if obs_scale is not None:
             obs_scale = check_number(obs_scale, "obs_scale", low=0.0, low_inclusive=False)
+        self._check_param_store(net, name)
         self.num_data = num_data
         self.likelihood = likelihood
         self.obs_scale = obs_scale
         self.name = name
         self.kl_weight = 1.0
+
+    @staticmethod
+    def _check_param_store(net: nn.Module, name: str) -> None:
+        """Pyro would silently train stale tensors left in its param store under this network's names."""
+        store = pyro.get_param_store()
+        ours = {f"{name}$$${n}": p for n, p in net.named_parameters()}
+        stale = [k for k in ours if k in store and store[k] is not ours[k]]
+        if stale:
+            raise RuntimeError(f"Pyro's param store already holds other tensors named {stale[:3]}... (from another "
+                               f"model); call pyro.clear_param_store() first or give this SVIModel another name=")
 
     def _check_batch(self, x: Tensor, y: Optional[Tensor]) -> None:
         if not isinstance(x, Tensor):
