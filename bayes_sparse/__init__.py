@@ -1,42 +1,56 @@
 """bayes_sparse: Bayesian and regularization sparsification of PyTorch networks.
 
-Swap layers for sparse ones (:class:`VDLinear`, :class:`VDConv2d`, ...), train with Pyro SVI
-(:class:`SVIModel`) or a plain loop (``loss = nll + kl(model) / N``), fix hard masks with
+Swap layers for sparse ones (by hand, e.g. :class:`VDLinear`, or with :func:`sparsify`), train with Pyro
+SVI (:class:`SVIModel`) or a plain loop (``loss = nll + regularizer(model) / N``), fix hard masks with
 :func:`threshold_`, export with :func:`to_dense`, and read the gains with :func:`report`.
+
+Methods: ``"vd"`` Sparse Variational Dropout, ``"l0"`` hard-concrete gates, ``"ltp"`` learned-threshold
+soft L0, ``"l1"`` L1 penalty (optionally proximal), ``"magnitude"`` magnitude pruning.
 """
 
-from . import data, functional, infer
+from . import data, distributions, functional, infer
 from .convert import ConversionReport, conversion_report, methods, register, sparsify
 from .export import to_dense
 from .infer import SVIModel, error_rate, fit_svi
-from .layers import SparseLayer, VDConv1d, VDConv2d, VDConv3d, VDLinear, sparse_layers
-from .objectives import kl
+from .layers import (
+    L0Conv1d,
+    L0Conv2d,
+    L0Conv3d,
+    L0Linear,
+    L1Conv1d,
+    L1Conv2d,
+    L1Conv3d,
+    L1Linear,
+    LTPConv1d,
+    LTPConv2d,
+    LTPConv3d,
+    LTPLinear,
+    MagnitudeConv1d,
+    MagnitudeConv2d,
+    MagnitudeConv3d,
+    MagnitudeLinear,
+    SparseLayer,
+    VDConv1d,
+    VDConv2d,
+    VDConv3d,
+    VDLinear,
+    proximal_step_,
+    set_temperature_,
+    sparse_layers,
+    temperature_schedule,
+)
+from .objectives import kl, penalty, regularizer
 from .report import SparsityReport, report
-from .threshold import threshold_
+from .threshold import iterative_magnitude_prune_, sparsity_schedule, threshold_
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConversionReport",
-    "SVIModel",
-    "SparseLayer",
-    "SparsityReport",
-    "VDConv1d",
-    "VDConv2d",
-    "VDConv3d",
-    "VDLinear",
-    "conversion_report",
-    "data",
-    "error_rate",
-    "fit_svi",
-    "functional",
-    "infer",
-    "kl",
-    "methods",
-    "register",
-    "report",
-    "sparse_layers",
-    "sparsify",
-    "threshold_",
-    "to_dense",
-]
+__all__ = sorted([
+    "ConversionReport", "L0Conv1d", "L0Conv2d", "L0Conv3d", "L0Linear", "L1Conv1d", "L1Conv2d", "L1Conv3d",
+    "L1Linear", "LTPConv1d", "LTPConv2d", "LTPConv3d", "LTPLinear", "MagnitudeConv1d", "MagnitudeConv2d",
+    "MagnitudeConv3d", "MagnitudeLinear", "SVIModel", "SparseLayer", "SparsityReport", "VDConv1d", "VDConv2d",
+    "VDConv3d", "VDLinear", "conversion_report", "data", "distributions", "error_rate", "fit_svi", "functional",
+    "infer", "iterative_magnitude_prune_", "kl", "methods", "penalty", "proximal_step_", "register",
+    "regularizer", "report", "set_temperature_", "sparse_layers", "sparsify", "sparsity_schedule",
+    "temperature_schedule", "threshold_", "to_dense",
+])

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._validation import check_module
 from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_module_
-from .layers.vd import VDConv1d, VDConv2d, VDConv3d, VDLinear
+from .layers import FAMILIES
 
 __all__ = ["ConversionReport", "conversion_report", "methods", "register", "sparsify"]
 
@@ -44,6 +44,7 @@ def register(method: str, dense_type: type, converter: Converter) -> None:
 
     Example:
         >>> class MyLinear(nn.Linear): pass
+        >>> from bayes_sparse import VDLinear
         >>> register("vd", MyLinear, VDLinear)
     """
     if not (isinstance(dense_type, type) and issubclass(dense_type, nn.Module)):
@@ -58,8 +59,9 @@ def methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-for _dense, _sparse in zip(SUPPORTED_DENSE_TYPES, (VDLinear, VDConv1d, VDConv2d, VDConv3d)):
-    register("vd", _dense, _sparse)
+for _method, _classes in FAMILIES.items():
+    for _dense, _sparse in zip(SUPPORTED_DENSE_TYPES, _classes):
+        register(_method, _dense, _sparse)
 
 
 def _convert_fn(converter: Converter) -> Callable[..., nn.Module]:

@@ -10,6 +10,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -17,15 +18,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "HC_BETA",
+    "HC_GAMMA",
+    "HC_ZETA",
     "KL_K1",
     "KL_K2",
     "KL_K3",
     "LOG_ALPHA_CLIP",
     "conv_nd",
+    "hard_concrete_cdf",
+    "hard_concrete_log_density",
+    "hard_concrete_prob_nonzero",
+    "hard_concrete_sample",
+    "hard_concrete_test_gate",
     "kl_log_uniform",
     "local_reparam",
     "local_reparam_moments",
     "log_alpha",
+    "soft_threshold",
+    "soft_threshold_mask",
 ]
 
 #: Constants of the Molchanov et al. (2017) approximation of -KL(q || log-uniform).
@@ -38,6 +49,11 @@ LOG_ALPHA_CLIP = 8.0
 VAR_EPS = 1e-8
 #: Added to theta^2 inside the log so a zero weight gives a large, finite log alpha.
 _THETA2_EPS = 1e-16
+
+#: Hard-concrete constants of Louizos, Welling, Kingma (2018): temperature and stretch interval.
+HC_BETA = 2.0 / 3.0
+HC_GAMMA = -0.1
+HC_ZETA = 1.1
 
 AffineOp = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 
@@ -166,3 +182,73 @@ def conv_nd(
     if nd not in _CONV:
         raise ValueError(f"conv_nd supports 1-3 spatial dims; got a weight of shape {tuple(weight.shape)}")
     return _CONV[nd](x, weight, bias, stride, padding, dilation, groups)
+
+
+# ----- hard concrete (L0) ---------------------------------------------------------------------------
+def hard_concrete_sample(log_alpha: Tensor, u: Optional[Tensor] = None, beta: float = HC_BETA,
+                         gamma: float = HC_GAMMA, zeta: float = HC_ZETA) -> Tensor:
+    """Reparameterized hard-concrete gate: ``clamp(sigmoid((logit u + log alpha) / beta) (zeta - gamma) + gamma, 0, 1)``.
+
+    Args:
+        log_alpha: Location parameters.
+        u: Uniform(0, 1) noise shaped like the sample; drawn when omitted.
+        beta, gamma, zeta: Temperature and stretch interval.
+
+    Returns:
+        Gates in [0, 1], exactly 0 or 1 with positive probability.
+
+    References:
+        Louizos, Welling, Kingma. Learning Sparse Neural Networks through L0 Regularization. ICLR 2018, Eq. 10-13.
+    """
+    if u is None:
+        u = torch.rand_like(log_alpha)
+    u = u.clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+    return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def hard_concrete_prob_nonzero(log_alpha: Tensor, beta: float = HC_BETA, gamma: float = HC_GAMMA,
+                               zeta: float = HC_ZETA) -> Tensor:
+    """P(gate != 0) = ``sigmoid(log alpha - beta log(-gamma / zeta))``: the expected L0 norm per gate."""
+    return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
+
+
+def hard_concrete_test_gate(log_alpha: Tensor, gamma: float = HC_GAMMA, zeta: float = HC_ZETA) -> Tensor:
+    """Deterministic test-time gate ``clamp(sigmoid(log alpha)(zeta - gamma) + gamma, 0, 1)`` (Louizos et al. code)."""
+    return torch.clamp(torch.sigmoid(log_alpha) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def _hc_cdf_logit(z: Tensor, log_alpha: Tensor, beta: float, gamma: float, zeta: float) -> Tensor:
+    t = ((z - gamma) / (zeta - gamma)).clamp(1e-12, 1 - 1e-12)
+    return beta * (torch.log(t) - torch.log1p(-t)) - log_alpha
+
+
+def hard_concrete_cdf(z: Tensor, log_alpha: Tensor, beta: float = HC_BETA, gamma: float = HC_GAMMA,
+                      zeta: float = HC_ZETA) -> Tensor:
+    """P(gate <= z): 0 below 0, ``sigmoid(beta logit((z - gamma)/(zeta - gamma)) - log alpha)`` on [0, 1), 1 from 1."""
+    inner = torch.sigmoid(_hc_cdf_logit(z, log_alpha, beta, gamma, zeta))
+    return torch.where(z < 0, torch.zeros_like(inner), torch.where(z >= 1, torch.ones_like(inner), inner))
+
+
+def hard_concrete_log_density(z: Tensor, log_alpha: Tensor, beta: float = HC_BETA, gamma: float = HC_GAMMA,
+                              zeta: float = HC_ZETA) -> Tensor:
+    """Log density of the continuous part on (0, 1), the derivative of :func:`hard_concrete_cdf`."""
+    x = _hc_cdf_logit(z, log_alpha, beta, gamma, zeta)
+    t = (z - gamma) / (zeta - gamma)
+    return (F.logsigmoid(x) + F.logsigmoid(-x) + math.log(beta) - torch.log(t) - torch.log1p(-t)
+            - math.log(zeta - gamma))
+
+
+# ----- learned threshold (LTP) and L1 ---------------------------------------------------------------
+def soft_threshold_mask(weight: Tensor, tau: Tensor, temperature: float) -> Tensor:
+    """Soft mask ``sigmoid((w^2 - tau) / T)`` of learned-threshold pruning; its sum is the soft L0 norm.
+
+    References:
+        Azarian, Bhalgat, Lee, Blankevoort. Learned Threshold Pruning. 2020, Eq. 3.
+    """
+    return torch.sigmoid((weight * weight - tau) / temperature)
+
+
+def soft_threshold(weight: Tensor, threshold: float) -> Tensor:
+    """Proximal operator of ``threshold * |w|_1``: ``sign(w) max(|w| - threshold, 0)`` (exact zeros)."""
+    return torch.sign(weight) * torch.clamp(weight.abs() - threshold, min=0.0)

@@ -6,7 +6,8 @@ The ELBO of a network with Sparse VD layers is
 
 where the expectation over ``w`` is estimated by the layers' local reparameterization. In the Pyro model
 the likelihood sits inside ``pyro.plate("data", size=N, subsample_size=B)`` (Pyro applies the N/B scale)
-and the KL enters as ``pyro.factor("kl", -kl(net))``. The variational parameters are ordinary module
+and the KL (plus the penalties of non-Bayesian layers: L0, LTP, L1) enters as
+``pyro.factor("regularizer", -regularizer(net))``. The variational parameters are ordinary module
 parameters registered with ``pyro.module``, so the guide has no sample sites.
 """
 
@@ -24,7 +25,7 @@ from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 from ._validation import check_module, check_number
-from .objectives import kl
+from .objectives import regularizer
 
 __all__ = ["LIKELIHOODS", "SVIModel", "error_rate", "fit_svi", "flat_then_linear_decay", "kl_warmup_weight"]
 
@@ -49,7 +50,7 @@ class SVIModel:
         name: Prefix of the Pyro parameter names.
 
     Attributes:
-        kl_weight: Multiplier of the KL term (set it for KL warm-up; 1.0 gives the true ELBO).
+        kl_weight: Multiplier of the KL/penalty term (set it for KL warm-up; 1.0 gives the true ELBO).
 
     Example:
         >>> import bayes_sparse as bs, pyro
@@ -133,7 +134,8 @@ class SVIModel:
                                  "reshape y (e.g. y.unsqueeze(-1)) so they match")
             pyro.deterministic("out", out)
             pyro.sample("obs", self.obs_dist(out), obs=y)
-        pyro.factor("kl", -self.kl_weight * kl(self.net))
+        # KL of the Bayesian layers plus the penalties of the others (all in whole-data units)
+        pyro.factor("regularizer", -self.kl_weight * regularizer(self.net))
         return out
 
     def guide(self, x: Tensor, y: Optional[Tensor] = None) -> None:
@@ -173,7 +175,9 @@ def error_rate(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
 
 def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor]]], epochs: int, lr: float = 1e-3,
             kl_warmup: tuple[int, int] = (5, 20), lr_lambda: Optional[Callable[[int], float]] = None,
-            progress: bool = True, on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+            progress: bool = True, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+            on_epoch_start: Optional[Callable[[int], None]] = None,
+            on_step_end: Optional[Callable[[float], None]] = None) -> list[dict]:
     """Train ``model.net`` with ``pyro.infer.SVI`` and ``Trace_ELBO`` (Adam, per-epoch schedules).
 
     Args:
@@ -186,6 +190,9 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
         lr_lambda: Epoch -> learning-rate factor; default :func:`flat_then_linear_decay`.
         progress: Show a tqdm bar.
         on_epoch_end: Called as ``on_epoch_end(epoch, stats)`` after each epoch.
+        on_epoch_start: Called as ``on_epoch_start(epoch)`` (e.g. to anneal an LTP temperature).
+        on_step_end: Called as ``on_step_end(lr)`` after each SVI step with the current learning rate
+            (e.g. ``lambda lr: bs.proximal_step_(net, lr, N)`` for proximal L1).
 
     Returns:
         One dict per epoch with ``epoch``, ``loss`` (mean negative ELBO per example), ``kl_weight``, ``lr``.
@@ -201,14 +208,19 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
     bar = tqdm(range(epochs), desc="SVI", unit="epoch", disable=not progress)
     for epoch in bar:
         model.kl_weight = kl_warmup_weight(epoch, *kl_warmup)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        current_lr = lr * lr_lambda(epoch)
         total, count = 0.0, 0
         for x, y in batches():
             total += svi.step(x, y)
             count += 1
+            if on_step_end is not None:
+                on_step_end(current_lr)
         if count == 0:
             raise ValueError("batches() yielded no minibatch; check the data loader")
         stats = {"epoch": epoch, "loss": total / count / model.num_data, "kl_weight": model.kl_weight,
-                 "lr": lr * lr_lambda(epoch)}
+                 "lr": current_lr}
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"the loss became {stats['loss']} at epoch {epoch}; lower the learning rate")
         scheduler.step()

@@ -1,68 +1,184 @@
-"""Thresholding: turn each sparse layer's noise parameters into a fixed hard mask."""
+"""Thresholding: turn each sparse layer's scores into a fixed hard mask.
+
+Three ways, for every method: each layer's own criterion (log alpha for Sparse VD, the test-time gate for
+L0, the learned threshold for LTP, magnitude for L1 and magnitude pruning), a target sparsity per layer,
+or a target sparsity over the whole model (ranking keep-scores). Masks only ever prune more: a weight
+pruned by an earlier call stays pruned (``layer.clear_mask_()`` starts over).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
+from typing import Callable, Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ._validation import check_number
-from .layers.base import sparse_layers
+from .layers.base import SparseLayer, sparse_layers
 from .layers.vd import _VDLayer
 
-__all__ = ["threshold_"]
+__all__ = ["SCOPES", "iterative_magnitude_prune_", "sparsity_schedule", "threshold_"]
 
 logger = logging.getLogger(__name__)
 
+SCOPES = ("layer", "global")
+#: Default guard: every layer keeps at least this fraction of its weights (and at least one weight).
+DEFAULT_MIN_DENSITY = 1e-3
 
-def threshold_(model: nn.Module, log_alpha: float | None = None) -> dict[str, float]:
+
+def _score(layer: SparseLayer) -> Tensor:
+    s = layer.keep_score().detach().float()
+    if bool(layer.mask_fixed):
+        s = s.masked_fill(~layer.weight_mask, float("-inf"))  # once pruned, stays pruned
+    return s
+
+
+def _top_k_mask(score: Tensor, k: int) -> Tensor:
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        mask[torch.topk(score.flatten(), k).indices] = True
+    return mask.view_as(score)
+
+
+def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity: Optional[float] = None,
+               scope: str = "layer", min_density: float = DEFAULT_MIN_DENSITY) -> dict[str, float]:
     """Fix the hard mask of every sparse layer in place.
 
-    Sparse VD layers keep the weights with ``log alpha < log_alpha`` (default 3.0, the paper's value).
-    Afterwards both training and evaluation use the fixed masks, the KL counts kept weights only, and
+    ``threshold_(model)`` uses each layer's own criterion (Sparse VD: ``log alpha < 3``);
+    ``threshold_(model, log_alpha=t)`` sets the Sparse VD threshold; ``threshold_(model, sparsity=s,
+    scope="layer"|"global")`` keeps the ``1 - s`` highest keep-scores per layer or over all layers.
+    Afterwards training and evaluation use the fixed masks, penalties count kept weights only, and
     :func:`bayes_sparse.to_dense` can export the model.
 
     Args:
         model: A model containing sparse layers; changed in place.
-        log_alpha: Threshold on the clipped log alpha, a finite number >= 0; ``None`` for each layer's default.
+        log_alpha: Sparse VD threshold on the clipped log alpha, finite and >= 0 (paper: 3.0).
+        sparsity: Target fraction of pruned weights in [0, 1); replaces the layers' own criteria.
+        scope: ``"layer"`` (each layer reaches ``sparsity``) or ``"global"`` (one ranking over all layers,
+            which must then share one method so their scores compare).
+        min_density: Guard: each layer keeps at least ``ceil(min_density * n)`` weights (at least one when
+            > 0), with a warning naming the layer when the guard acts. 0 disables it.
 
     Returns:
         ``{layer_name: density}`` for every sparse layer (density = kept / total weights).
 
     Raises:
-        TypeError: ``model`` is not a module or ``log_alpha`` is not a number.
-        ValueError: ``log_alpha`` is negative, NaN or infinite, or the model has no sparse layers.
+        TypeError: ``model`` is not a module or a number argument is not a number.
+        ValueError: an argument out of range, both ``log_alpha`` and ``sparsity`` given, a global scope over
+            mixed methods, or a model without sparse layers.
 
     Warns:
-        UserWarning: naming each layer left with no weight at all.
+        UserWarning: naming each layer the guard acted on, or left with no weight at all.
 
     Example:
         >>> import bayes_sparse as bs
-        >>> bs.threshold_(bs.VDLinear(4, 2))
-        {'': 1.0}
+        >>> bs.threshold_(bs.MagnitudeLinear(10, 10), sparsity=0.9)
+        {'': 0.1}
 
     References:
-        Molchanov, Ashukha, Vetrov 2017, Section 4 (log alpha >= 3 means dropout rate > 0.95).
+        Molchanov, Ashukha, Vetrov 2017 (log alpha >= 3); Han et al. 2015 (magnitude); Gale et al. 2019 (global).
     """
     if log_alpha is not None:
         log_alpha = check_number(log_alpha, "log_alpha", low=0.0,
                                  hint="Weights with log alpha >= threshold are pruned; the paper uses 3.0.")
+    if sparsity is not None:
+        if log_alpha is not None:
+            raise ValueError("give either log_alpha (the Sparse VD criterion) or sparsity (a target), not both")
+        sparsity = check_number(sparsity, "sparsity", low=0.0, high=1.0,
+                                hint="It is the fraction of weights to prune, e.g. 0.9.")
+        if sparsity >= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}; 1.0 would prune every weight")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; known: {', '.join(SCOPES)}")
+    min_density = check_number(min_density, "min_density", low=0.0, high=1.0)
     layers = list(sparse_layers(model))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no sparse layers to threshold; replace its layers first, "
-                         "e.g. VDLinear.from_dense(linear)")
+        raise ValueError(f"{type(model).__name__} has no sparse layers to threshold; convert it first, "
+                         "e.g. bayes_sparse.sparsify(model, method='vd')")
+
+    masks: dict[str, Tensor] = {}
+    if sparsity is not None and scope == "global":
+        kinds = sorted({layer.method for _, layer in layers})
+        if len(kinds) > 1:
+            raise ValueError(f"scope='global' ranks keep-scores across layers, which only compare within one "
+                             f"method; this model mixes {kinds}. Use scope='layer'")
+        scores = [_score(layer) for _, layer in layers]
+        flat = torch.cat([s.flatten() for s in scores])
+        keep = _top_k_mask(flat, flat.numel() - round(sparsity * flat.numel())).flatten()
+        offset = 0
+        for (name, _), s in zip(layers, scores):
+            masks[name] = keep[offset:offset + s.numel()].view_as(s)
+            offset += s.numel()
+    else:
+        for name, layer in layers:
+            if sparsity is not None:
+                s = _score(layer)
+                masks[name] = _top_k_mask(s, s.numel() - round(sparsity * s.numel()))
+            else:
+                threshold = log_alpha if isinstance(layer, _VDLayer) else None
+                masks[name] = layer.criterion_mask(threshold).detach()
+
     densities: dict[str, float] = {}
     for name, layer in layers:
-        if isinstance(layer, _VDLayer):
-            mask = layer.criterion_mask(log_alpha)
-        else:  # pragma: no cover - every layer family in this package is handled above
-            raise TypeError(f"threshold_ does not know layer type {type(layer).__name__}")
+        mask = masks[name]
+        if bool(layer.mask_fixed):
+            mask = mask & layer.weight_mask
+        label = name or type(layer).__name__
+        min_keep = math.ceil(min_density * mask.numel()) if min_density > 0 else 0
+        if int(mask.sum()) < min_keep:
+            warnings.warn(f"layer {label!r} ({type(layer).__name__}) would keep {int(mask.sum())} of {mask.numel()} "
+                          f"weights; min_density={min_density} keeps its {min_keep} best. Pass min_density=0 to "
+                          f"allow it.", UserWarning, stacklevel=2)
+            mask = _top_k_mask(_score(layer), min_keep)
         layer.set_mask_(mask)
         densities[name] = layer.density
         if densities[name] == 0.0:
-            warnings.warn(f"layer {name or type(layer).__name__!r} ({type(layer).__name__}) has no weight left after "
-                          f"thresholding; its output is its bias only. Use a higher threshold to keep it alive.",
+            warnings.warn(f"layer {label!r} ({type(layer).__name__}) has no weight left after thresholding; its "
+                          f"output is its bias only. Use a milder threshold or min_density > 0 to keep it alive.",
                           UserWarning, stacklevel=2)
         logger.debug("threshold_: %s density %.4f", name, densities[name])
     return densities
+
+
+def sparsity_schedule(step: int, steps: int, final: float, start: float = 0.0) -> float:
+    """Cubic schedule of Zhu and Gupta (2017): ``final + (start - final)(1 - step/steps)^3`` for step 1..steps."""
+    frac = min(1.0, max(0.0, step / steps))
+    return final + (start - final) * (1.0 - frac) ** 3
+
+
+def iterative_magnitude_prune_(model: nn.Module, finetune: Callable[[nn.Module, int], None], final_sparsity: float,
+                               steps: int, start_sparsity: float = 0.0, scope: str = "layer",
+                               min_density: float = DEFAULT_MIN_DENSITY) -> list[dict[str, float]]:
+    """Prune in ``steps`` rounds from ``start_sparsity`` to ``final_sparsity``, fine-tuning after each round.
+
+    Each round calls :func:`threshold_` with the cubic :func:`sparsity_schedule` target (ranking
+    ``|w|`` for magnitude layers; any method's keep-scores otherwise), then ``finetune(model, step)``
+    with the masks fixed.
+
+    Args:
+        model: Model with sparse layers (``sparsify(model, method="magnitude")``); changed in place.
+        finetune: Called after each pruning round; trains ``model`` (e.g. an epoch of Adam).
+        final_sparsity: Target in [0, 1).
+        steps: Number of pruning rounds, >= 1.
+        start_sparsity: Sparsity of the first round's starting point, in [0, final_sparsity].
+        scope, min_density: As in :func:`threshold_`.
+
+    Returns:
+        The densities returned by each round's :func:`threshold_`.
+
+    References:
+        Han et al. 2015 (iterative pruning and retraining); Zhu and Gupta 2017 (cubic schedule).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    final_sparsity = check_number(final_sparsity, "final_sparsity", low=0.0, high=1.0)
+    start_sparsity = check_number(start_sparsity, "start_sparsity", low=0.0, high=final_sparsity)
+    history = []
+    for step in range(1, steps + 1):
+        target = sparsity_schedule(step, steps, final_sparsity, start_sparsity)
+        history.append(threshold_(model, sparsity=target, scope=scope, min_density=min_density))
+        finetune(model, step)
+    return history

@@ -211,8 +211,8 @@ def test_errors_list_what_was_found_and_supported():
         bs.sparsify(Zoo(), include=["bn", "stem"])
     with pytest.raises(TypeError, match="explicitly included"):
         bs.sparsify(Zoo(), include=[nn.BatchNorm2d])
-    with pytest.raises(ValueError, match="unknown method 'l0'; known: vd"):
-        bs.sparsify(Zoo(), method="l0")
+    with pytest.raises(ValueError, match="unknown method 'sparse_vd'; known: l0, l1, ltp, magnitude, vd"):
+        bs.sparsify(Zoo(), method="sparse_vd")
     with pytest.raises(TypeError, match="include entries must be module types, names or name patterns, got 3"):
         bs.sparsify(Zoo(), include=[3])
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):

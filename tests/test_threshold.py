@@ -47,6 +47,17 @@ def test_mask_stays_fixed_when_parameters_move():
     assert layer.density == d
 
 
+def test_min_density_guard_keeps_the_best_weights_and_warns():
+    layer = bs.VDLinear(100, 10)
+    with torch.no_grad():
+        layer.log_sigma2.fill_(50.0)
+        layer.log_sigma2[0, :3] = -50.0  # three weights would survive the criterion
+    with pytest.warns(UserWarning, match=r"layer 'VDLinear' \(VDLinear\) would keep 3 of 1000 weights; "
+                                         r"min_density=0.01 keeps its 10 best"):
+        d = bs.threshold_(layer, min_density=0.01)
+    assert d[""] == 0.01 and layer.weight_mask[0, :3].all()
+
+
 def test_dead_layer_warns_with_its_name_and_exports():
     net = nn.Sequential()
     net.add_module("fc1", bs.VDLinear(4, 4))
@@ -54,7 +65,7 @@ def test_dead_layer_warns_with_its_name_and_exports():
     with torch.no_grad():
         net.fc2.log_sigma2.fill_(50.0)  # log alpha clipped at 8 everywhere
     with pytest.warns(UserWarning, match="layer 'fc2' .*no weight left"):
-        d = bs.threshold_(net)
+        d = bs.threshold_(net, min_density=0)
     assert d["fc2"] == 0.0
     dense = bs.to_dense(net).eval()
     torch.testing.assert_close(dense(torch.randn(3, 4)), net.fc2.bias.expand(3, 2))

@@ -57,6 +57,8 @@ class SparseLayer:
     dense_type: type[nn.Module]
     #: Name of the method family ("vd", ...), used in reports and error messages.
     method: str = ""
+    #: True when :meth:`regularizer` is a KL divergence (read by ``kl``), False for a penalty (``penalty``).
+    bayesian: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -103,8 +105,16 @@ class SparseLayer:
         return self.weight_mask if bool(self.mask_fixed) else self.criterion_mask()
 
     def masked_weight(self) -> Tensor:
-        """``weight`` with the hard mask applied: what evaluation and the dense export use."""
+        """The weight evaluation and the dense export use: ``weight`` with the hard mask applied."""
         return self.weight * self.hard_mask().to(self.weight.dtype)
+
+    def _train_weight(self) -> Tensor:
+        """``weight`` with the fixed mask applied once thresholding has fixed one."""
+        return self.weight * self.weight_mask if bool(self.mask_fixed) else self.weight
+
+    def _masked_sum(self, per_weight: Tensor) -> Tensor:
+        """Sum of a per-weight regularizer over the weights still kept."""
+        return (per_weight * self.weight_mask).sum() if bool(self.mask_fixed) else per_weight.sum()
 
     def set_mask_(self, mask: Tensor) -> "SparseLayer":
         """Fix the hard mask (bool, shaped like ``weight``); later forwards in both modes use it."""

@@ -28,6 +28,7 @@ class _VDLayer(SparseLayer):
     """Implementation shared by every Sparse VD layer; the torch base class supplies the operation."""
 
     method = "vd"
+    bayesian = True
 
     def _init_method_parameters(self) -> None:
         self.log_sigma2 = nn.Parameter(torch.full_like(self.weight, INIT_LOG_SIGMA2))
@@ -89,16 +90,10 @@ class _VDLayer(SparseLayer):
 
     def regularizer(self) -> Tensor:
         """KL(q || log-uniform prior) of the kept weights (pruned weights are fixed at 0 and carry none)."""
-        kl = BF.kl_log_uniform(self.log_alpha)
-        if bool(self.mask_fixed):
-            kl = kl * self.weight_mask
-        return kl.sum()
+        return self._masked_sum(BF.kl_log_uniform(self.log_alpha))
 
     def _forward_train(self, x: Tensor) -> Tensor:
-        theta = self.weight
-        if bool(self.mask_fixed):
-            theta = theta * self.weight_mask
-        return BF.local_reparam(x, theta, self.log_alpha, self.bias, self._affine)
+        return BF.local_reparam(x, self._train_weight(), self.log_alpha, self.bias, self._affine)
 
 
 class VDLinear(_VDLayer, nn.Linear):

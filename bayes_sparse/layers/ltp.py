@@ -1,0 +1,114 @@
+"""Learned-threshold pruning layers (Azarian et al. 2020): a soft mask with a learned threshold per layer.
+
+Training multiplies ``weight`` by ``sigmoid((w^2 - tau) / T)``; ``tau`` is learned and the penalty is
+``penalty_strength * sum(soft mask)`` (the soft L0 norm, strength in units of 1/N). Lowering the temperature
+``T`` during training (:func:`set_temperature_`, :func:`temperature_schedule`) hardens the mask towards the
+step ``w^2 > tau`` used in evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as BF
+from .._validation import check_module, check_number
+from .base import SparseLayer
+
+__all__ = ["LTPConv1d", "LTPConv2d", "LTPConv3d", "LTPLinear", "set_temperature_", "temperature_schedule"]
+
+DEFAULT_LTP_PENALTY = 1e-3
+DEFAULT_TEMPERATURE = 1e-4
+
+
+class _LTPLayer(SparseLayer):
+    method = "ltp"
+
+    def _init_method_parameters(self) -> None:
+        self.penalty_strength = DEFAULT_LTP_PENALTY
+        self.temperature = DEFAULT_TEMPERATURE
+        self.tau = nn.Parameter(torch.zeros((), device=self.weight.device, dtype=self.weight.dtype))
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, *, penalty: float = DEFAULT_LTP_PENALTY,
+                   temperature: float = DEFAULT_TEMPERATURE, tau_init: float = 0.0) -> "_LTPLayer":
+        """Build the LTP layer from a trained torch layer.
+
+        Args:
+            layer: A plain torch layer of this class's :attr:`dense_type`.
+            penalty: Soft-L0 penalty strength in units of 1/N, finite and >= 0.
+            temperature: Initial temperature T > 0 of the soft mask (in units of squared weights).
+            tau_init: Initial threshold on ``w^2``, >= 0.
+
+        References:
+            Azarian, Bhalgat, Lee, Blankevoort. Learned Threshold Pruning. 2020.
+        """
+        penalty = check_number(penalty, "penalty", low=0.0)
+        temperature = check_number(temperature, "temperature", low=0.0, low_inclusive=False)
+        tau_init = check_number(tau_init, "tau_init", low=0.0)
+        new = cls._copy_from_dense(layer)
+        new.penalty_strength, new.temperature = penalty, temperature
+        with torch.no_grad():
+            new.tau.fill_(tau_init)
+        return new
+
+    def soft_mask(self) -> Tensor:
+        return BF.soft_threshold_mask(self.weight, self.tau, self.temperature)
+
+    def keep_score(self) -> Tensor:
+        return self.weight * self.weight - self.tau
+
+    def criterion_mask(self, threshold: float | None = None) -> Tensor:
+        return self.weight * self.weight > self.tau
+
+    def regularizer(self) -> Tensor:
+        return self.penalty_strength * self._masked_sum(self.soft_mask())
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        return self._affine(x, self._train_weight() * self.soft_mask(), self.bias)
+
+
+class LTPLinear(_LTPLayer, nn.Linear):
+    """Drop-in ``nn.Linear`` with learned-threshold soft-L0 pruning.
+
+    Example:
+        >>> LTPLinear(4, 2)(torch.randn(3, 4)).shape
+        torch.Size([3, 2])
+
+    References:
+        Azarian, Bhalgat, Lee, Blankevoort. Learned Threshold Pruning. 2020.
+    """
+
+
+class LTPConv1d(_LTPLayer, nn.Conv1d):
+    """Drop-in ``nn.Conv1d`` with learned-threshold pruning (see :class:`LTPLinear`)."""
+
+
+class LTPConv2d(_LTPLayer, nn.Conv2d):
+    """Drop-in ``nn.Conv2d`` with learned-threshold pruning (see :class:`LTPLinear`)."""
+
+
+class LTPConv3d(_LTPLayer, nn.Conv3d):
+    """Drop-in ``nn.Conv3d`` with learned-threshold pruning (see :class:`LTPLinear`)."""
+
+
+def set_temperature_(model: nn.Module, temperature: float) -> nn.Module:
+    """Set the soft-mask temperature of every LTP layer in ``model`` (in place); returns ``model``."""
+    check_module(model)
+    temperature = check_number(temperature, "temperature", low=0.0, low_inclusive=False,
+                               hint="Lower temperatures give harder masks; use e.g. 1e-4.")
+    for m in model.modules():
+        if isinstance(m, _LTPLayer):
+            m.temperature = temperature
+    return model
+
+
+def temperature_schedule(epoch: int, epochs: int, start: float = DEFAULT_TEMPERATURE,
+                         end: float = DEFAULT_TEMPERATURE / 100) -> float:
+    """Geometric annealing from ``start`` at epoch 0 to ``end`` at the last epoch (hardening the mask)."""
+    start = check_number(start, "start", low=0.0, low_inclusive=False)
+    end = check_number(end, "end", low=0.0, low_inclusive=False)
+    frac = min(1.0, max(0.0, epoch / max(1, epochs - 1)))
+    return math.exp(math.log(start) + frac * (math.log(end) - math.log(start)))
