@@ -1,0 +1,204 @@
+"""Every method family behind the one protocol: shapes, masks, penalties, export, both training paths."""
+
+import pyro
+import pyro.infer
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayes_sparse as bs
+from bayes_sparse import functional as BF
+from tests.cases import CASE_IDS, LAYER_CASES
+
+METHODS = ["vd", "l0", "ltp", "l1", "magnitude"]
+PREFIX = {"vd": "VD", "l0": "L0", "ltp": "LTP", "l1": "L1", "magnitude": "Magnitude"}
+
+
+def _cls(method, suffix):
+    return getattr(bs, PREFIX[method] + suffix)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=CASE_IDS)
+def test_protocol_on_every_layer_type(method, case):
+    _, dense_cls, suffix, kwargs, shape = case
+    dense = dense_cls(**kwargs)
+    layer = _cls(method, suffix).from_dense(dense)
+    assert isinstance(layer, dense_cls) and layer.method == method
+    x = torch.randn(shape)
+    out = layer(x)
+    assert isinstance(out, torch.Tensor) and out.shape == dense(x).shape
+    assert layer.keep_score().shape == layer.weight.shape
+    assert layer.hard_mask().dtype == torch.bool and 0 <= layer.density <= 1
+    assert bs.regularizer(layer).shape == ()
+    d = bs.threshold_(layer, sparsity=0.5)[""]
+    assert d == pytest.approx(0.5, abs=1 / layer.weight.numel())
+    twin = bs.to_dense(layer)
+    assert type(twin) is dense_cls
+    assert torch.equal(twin.eval()(x), layer.eval()(x))
+
+
+def test_kl_and_penalty_split_over_a_mixed_model():
+    net = nn.Sequential(bs.VDLinear(4, 5), bs.L0Linear(5, 5), bs.LTPLinear(5, 5), bs.L1Linear(5, 3),
+                        bs.MagnitudeLinear(3, 2))
+    kl = BF.kl_log_uniform(net[0].log_alpha).sum()
+    pen = (0.1 * BF.hard_concrete_prob_nonzero(net[1].log_alpha).sum()
+           + 1e-3 * BF.soft_threshold_mask(net[2].weight, net[2].tau, 1e-4).sum() + 1.0 * net[3].weight.abs().sum())
+    torch.testing.assert_close(bs.kl(net), kl)
+    torch.testing.assert_close(bs.penalty(net), pen)
+    torch.testing.assert_close(bs.regularizer(net), kl + pen)
+
+
+def test_l0_gates_and_eval_weights():
+    layer = bs.L0Linear.from_dense(nn.Linear(50, 40), droprate_init=0.5)
+    with torch.no_grad():
+        layer.log_alpha.uniform_(-6, 4)
+    torch.manual_seed(0)
+    x = torch.ones(1, 50)
+    outs = torch.stack([layer(x) for _ in range(3)])
+    assert not torch.equal(outs[0], outs[1])  # stochastic gates in training
+    gate = BF.hard_concrete_test_gate(layer.log_alpha)
+    layer.eval()
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * gate, layer.bias))
+    assert layer.density == pytest.approx((gate > 0).float().mean().item())
+    # the penalty is lambda * expected L0 = lambda * sum P(gate != 0)
+    torch.testing.assert_close(layer.regularizer(), 0.1 * BF.hard_concrete_prob_nonzero(layer.log_alpha).sum())
+    # initialisation: log alpha = log((1 - p) / p)
+    assert torch.allclose(bs.L0Linear.from_dense(nn.Linear(3, 3), droprate_init=0.2).log_alpha,
+                          torch.tensor(4.0).log())
+
+
+def test_ltp_soft_mask_threshold_and_temperature():
+    layer = bs.LTPLinear.from_dense(nn.Linear(30, 20), temperature=1e-3, tau_init=2e-3)
+    w2 = layer.weight.detach() ** 2
+    torch.testing.assert_close(layer.soft_mask(), torch.sigmoid((w2 - 2e-3) / 1e-3))
+    assert torch.equal(layer.criterion_mask(), w2 > 2e-3)
+    # lowering the temperature hardens the soft mask towards the step used in eval
+    gaps = []
+    for t in (1e-3, 1e-4, 1e-6):
+        bs.set_temperature_(layer, t)
+        gaps.append((layer.soft_mask() - (w2 > 2e-3).float()).abs().mean().item())
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-2
+    assert bs.temperature_schedule(0, 10) == pytest.approx(1e-4)
+    assert bs.temperature_schedule(9, 10) == pytest.approx(1e-6)
+    # tau is learned: the soft-L0 penalty pushes it up
+    layer.regularizer().backward()
+    assert layer.tau.grad < 0
+
+
+def test_l1_proximal_step_gives_exact_zeros():
+    torch.manual_seed(0)
+    layer = bs.L1Linear.from_dense(nn.Linear(20, 10), penalty=1.0, proximal=True)
+    w0 = layer.weight.detach().clone()
+    assert bs.regularizer(layer) == 0  # the proximal step replaces the penalty in the loss
+    bs.proximal_step_(layer, lr=0.05, num_data=10)  # threshold 0.05 * 1.0 / 10 = 0.005
+    expected = torch.sign(w0) * (w0.abs() - 0.005).clamp(min=0)
+    torch.testing.assert_close(layer.weight.detach(), expected)
+    assert (layer.weight == 0).sum() == (w0.abs() <= 0.005).sum() > 0
+    plain = bs.L1Linear.from_dense(nn.Linear(4, 2), penalty=2.0)
+    torch.testing.assert_close(bs.penalty(plain), 2.0 * plain.weight.abs().sum())
+
+
+def test_magnitude_criterion_one_shot_and_global():
+    layer = bs.MagnitudeLinear.from_dense(nn.Linear(100, 50), quality=1.0)
+    w = layer.weight.detach()
+    assert torch.equal(layer.criterion_mask(), w.abs() > w.std())
+    net = nn.Sequential(bs.MagnitudeLinear(100, 50), bs.MagnitudeLinear(50, 10))
+    with torch.no_grad():
+        net[1].weight.mul_(10)  # the second layer's weights are all larger
+    d = bs.threshold_(net, sparsity=0.9, scope="global")
+    total = 100 * 50 + 50 * 10
+    kept = d["0"] * 5000 + d["1"] * 500
+    assert kept == pytest.approx(0.1 * total, abs=1)
+    assert d["1"] > d["0"]
+    all_w = torch.cat([net[0].weight.detach().abs().flatten(), net[1].weight.detach().abs().flatten()])
+    cut = all_w.sort(descending=True).values[int(0.1 * total) - 1]
+    assert (net[0].weight.abs()[net[0].weight_mask] >= cut).all()
+
+
+def test_iterative_magnitude_pruning_schedule_and_finetuning():
+    torch.manual_seed(0)
+    x = torch.randn(200, 20)
+    y = (x[:, :2].sum(1) > 0).long()
+    net = bs.sparsify(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2)), method="magnitude")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    seen = []
+
+    def finetune(model, step):
+        seen.append(step)
+        for _ in range(30):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    hist = bs.iterative_magnitude_prune_(net, finetune, final_sparsity=0.9, steps=3)
+    assert seen == [1, 2, 3]
+    targets = [bs.sparsity_schedule(k, 3, 0.9) for k in (1, 2, 3)]
+    assert targets[0] < targets[1] < targets[2] == pytest.approx(0.9)
+    for h, t in zip(hist, targets):
+        assert h["0"] == pytest.approx(1 - t, abs=1e-3)
+    # pruned weights stay pruned from round to round, and the pruned net still fits
+    assert bs.report(net).density == pytest.approx(0.1, abs=0.01)
+    assert bs.error_rate(net, x, y) < 0.15
+
+
+def _mlp(method):
+    return bs.sparsify(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_svi_and_plain_loop_gradients_agree(method):
+    N, B = 300, 16
+    net = _mlp(method)
+    x, y = torch.randn(B, 6), torch.randint(0, 3, (B,))
+    model = bs.SVIModel(net, num_data=N)
+    pyro.set_rng_seed(5)
+    loss = pyro.infer.Trace_ELBO().loss_and_grads(model, model.guide, x, y)
+    svi = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    torch.manual_seed(5)
+    plain = F.cross_entropy(net(x), y) + bs.regularizer(net) / N
+    plain.backward()
+    assert loss == pytest.approx(N * plain.item(), rel=1e-5)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad * N, svi[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("method,option,value,err", [
+    ("l0", "penalty", -0.1, r"penalty must be in \[0.0, inf\], got -0.1"),
+    ("l0", "penalty", float("nan"), "penalty must be a finite number"),
+    ("l0", "droprate_init", 1.0, "droprate_init must be in"),
+    ("ltp", "temperature", 0.0, r"temperature must be in \(0.0, inf\], got 0.0"),
+    ("ltp", "temperature", float("nan"), "temperature must be a finite number"),
+    ("ltp", "penalty", -1.0, "penalty must be in"),
+    ("l1", "penalty", float("inf"), "penalty must be a finite number"),
+    ("l1", "proximal", "yes", "proximal must be True or False"),
+    ("magnitude", "quality", -1.0, "quality must be in"),
+])
+def test_bad_options(method, option, value, err):
+    with pytest.raises((ValueError, TypeError), match=err):
+        _mlp_kw(method, **{option: value})
+
+
+def _mlp_kw(method, **kw):
+    return bs.sparsify(nn.Sequential(nn.Linear(6, 8)), method=method, **kw)
+
+
+def test_bad_threshold_arguments():
+    net = _mlp("l0")
+    for bad in (1.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="sparsity must be"):
+            bs.threshold_(net, sparsity=bad)
+    with pytest.raises(ValueError, match="unknown scope 'model'; known: layer, global"):
+        bs.threshold_(net, sparsity=0.5, scope="model")
+    with pytest.raises(ValueError, match="not both"):
+        bs.threshold_(net, log_alpha=3.0, sparsity=0.5)
+    mixed = nn.Sequential(bs.VDLinear(3, 3), bs.L0Linear(3, 3))
+    with pytest.raises(ValueError, match=r"mixes \['l0', 'vd'\]. Use scope='layer'"):
+        bs.threshold_(mixed, sparsity=0.5, scope="global")
+    with pytest.raises(ValueError, match="min_density must be in"):
+        bs.threshold_(net, min_density=2.0)
+    with pytest.raises(ValueError, match="temperature must be in"):
+        bs.set_temperature_(net, -1.0)
