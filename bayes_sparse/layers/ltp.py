@@ -1,9 +1,12 @@
 """Learned-threshold pruning layers (Azarian et al. 2020): a soft mask with a learned threshold per layer.
 
-Training multiplies ``weight`` by ``sigmoid((w^2 - tau) / T)``; ``tau`` is learned and the penalty is
-``penalty_strength * sum(soft mask)`` (the soft L0 norm, strength in units of 1/N). Lowering the temperature
-``T`` during training (:func:`set_temperature_`, :func:`temperature_schedule`) hardens the mask towards the
-step ``w^2 > tau`` used in evaluation.
+Training multiplies ``weight`` by ``sigmoid((w^2 - tau) / (T s^2))``, where ``s^2`` is the layer's mean
+squared weight when it was built (buffer ``weight_scale2``), so the temperature ``T`` is dimensionless and
+one schedule suits every layer. ``tau`` is learned through ``log_tau = log(tau / s^2) / 20``: it stays
+positive, and Adam's fixed step size (1e-3) moves it by 2% a step, so the threshold can travel the orders
+of magnitude squared weights span within a few epochs. The penalty is ``penalty_strength * sum(soft mask)`` (the soft L0 norm, strength
+in units of 1/N). Lowering ``T`` during training (:func:`set_temperature_`, :func:`temperature_schedule`)
+hardens the mask towards the step ``w^2 > tau`` used in evaluation.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from .base import SparseLayer
 __all__ = ["LTPConv1d", "LTPConv2d", "LTPConv3d", "LTPLinear", "set_temperature_", "temperature_schedule"]
 
 DEFAULT_LTP_PENALTY = 1e-3
-DEFAULT_TEMPERATURE = 1e-4
+#: Default temperature, relative to the layer's mean squared weight.
+DEFAULT_TEMPERATURE = 0.25
+#: Default initial threshold, relative to the layer's mean squared weight.
+DEFAULT_TAU_INIT = 0.01
+#: ``tau = s^2 exp(LOG_TAU_SCALE * log_tau)``: a preconditioner for the one scalar per layer.
+LOG_TAU_SCALE = 20.0
 
 
 class _LTPLayer(SparseLayer):
@@ -29,33 +37,46 @@ class _LTPLayer(SparseLayer):
     def _init_method_parameters(self) -> None:
         self.penalty_strength = DEFAULT_LTP_PENALTY
         self.temperature = DEFAULT_TEMPERATURE
-        self.tau = nn.Parameter(torch.zeros((), device=self.weight.device, dtype=self.weight.dtype))
+        self.log_tau = nn.Parameter(torch.full((), math.log(DEFAULT_TAU_INIT) / LOG_TAU_SCALE, device=self.weight.device,
+                                               dtype=self.weight.dtype))
+        self.register_buffer("weight_scale2", torch.zeros((), device=self.weight.device, dtype=self.weight.dtype))
+        self._set_scale()
+
+    def _set_scale(self) -> None:
+        with torch.no_grad():
+            self.weight_scale2.fill_(float((self.weight * self.weight).mean()) or 1.0)
+
+    @property
+    def tau(self) -> Tensor:
+        """The learned threshold on ``w^2`` (> 0)."""
+        return torch.exp(LOG_TAU_SCALE * self.log_tau) * self.weight_scale2
 
     @classmethod
     def from_dense(cls, layer: nn.Module, *, penalty: float = DEFAULT_LTP_PENALTY,
-                   temperature: float = DEFAULT_TEMPERATURE, tau_init: float = 0.0) -> "_LTPLayer":
+                   temperature: float = DEFAULT_TEMPERATURE, tau_init: float = DEFAULT_TAU_INIT) -> "_LTPLayer":
         """Build the LTP layer from a trained torch layer.
 
         Args:
             layer: A plain torch layer of this class's :attr:`dense_type`.
             penalty: Soft-L0 penalty strength in units of 1/N, finite and >= 0.
-            temperature: Initial temperature T > 0 of the soft mask (in units of squared weights).
-            tau_init: Initial threshold on ``w^2``, >= 0.
+            temperature: Initial temperature T > 0 of the soft mask, relative to the mean squared weight.
+            tau_init: Initial threshold on ``w^2`` relative to the mean squared weight, > 0.
 
         References:
             Azarian, Bhalgat, Lee, Blankevoort. Learned Threshold Pruning. 2020.
         """
         penalty = check_number(penalty, "penalty", low=0.0)
         temperature = check_number(temperature, "temperature", low=0.0, low_inclusive=False)
-        tau_init = check_number(tau_init, "tau_init", low=0.0)
+        tau_init = check_number(tau_init, "tau_init", low=0.0, low_inclusive=False)
         new = cls._copy_from_dense(layer)
+        new._set_scale()
         new.penalty_strength, new.temperature = penalty, temperature
         with torch.no_grad():
-            new.tau.fill_(tau_init)
+            new.log_tau.fill_(math.log(tau_init) / LOG_TAU_SCALE)
         return new
 
     def soft_mask(self) -> Tensor:
-        return BF.soft_threshold_mask(self.weight, self.tau, self.temperature)
+        return BF.soft_threshold_mask(self.weight, self.tau, self.temperature * self.weight_scale2)
 
     def keep_score(self) -> Tensor:
         return self.weight * self.weight - self.tau
@@ -98,7 +119,7 @@ def set_temperature_(model: nn.Module, temperature: float) -> nn.Module:
     """Set the soft-mask temperature of every LTP layer in ``model`` (in place); returns ``model``."""
     check_module(model)
     temperature = check_number(temperature, "temperature", low=0.0, low_inclusive=False,
-                               hint="Lower temperatures give harder masks; use e.g. 1e-4.")
+                               hint="Lower temperatures give harder masks; the default starts at 0.25.")
     for m in model.modules():
         if isinstance(m, _LTPLayer):
             m.temperature = temperature

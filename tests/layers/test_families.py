@@ -44,7 +44,9 @@ def test_kl_and_penalty_split_over_a_mixed_model():
                         bs.MagnitudeLinear(3, 2))
     kl = BF.kl_log_uniform(net[0].log_alpha).sum()
     pen = (0.1 * BF.hard_concrete_prob_nonzero(net[1].log_alpha).sum()
-           + 1e-3 * BF.soft_threshold_mask(net[2].weight, net[2].tau, 1e-4).sum() + 1.0 * net[3].weight.abs().sum())
+           + 1e-3 * BF.soft_threshold_mask(net[2].weight, 0.01 * net[2].weight.pow(2).mean(),
+                                            0.25 * net[2].weight.pow(2).mean()).sum()
+           + 1.0 * net[3].weight.abs().sum())
     torch.testing.assert_close(bs.kl(net), kl)
     torch.testing.assert_close(bs.penalty(net), pen)
     torch.testing.assert_close(bs.regularizer(net), kl + pen)
@@ -70,21 +72,23 @@ def test_l0_gates_and_eval_weights():
 
 
 def test_ltp_soft_mask_threshold_and_temperature():
-    layer = bs.LTPLinear.from_dense(nn.Linear(30, 20), temperature=1e-3, tau_init=2e-3)
+    layer = bs.LTPLinear.from_dense(nn.Linear(30, 20), temperature=0.5, tau_init=0.3)
     w2 = layer.weight.detach() ** 2
-    torch.testing.assert_close(layer.soft_mask(), torch.sigmoid((w2 - 2e-3) / 1e-3))
-    assert torch.equal(layer.criterion_mask(), w2 > 2e-3)
+    s2 = w2.mean()
+    torch.testing.assert_close(layer.tau.detach(), 0.3 * s2)
+    torch.testing.assert_close(layer.soft_mask(), torch.sigmoid((w2 - 0.3 * s2) / (0.5 * s2)))
+    assert torch.equal(layer.criterion_mask(), w2 > layer.tau)
     # lowering the temperature hardens the soft mask towards the step used in eval
     gaps = []
-    for t in (1e-3, 1e-4, 1e-6):
+    for t in (0.5, 0.05, 1e-4):
         bs.set_temperature_(layer, t)
-        gaps.append((layer.soft_mask() - (w2 > 2e-3).float()).abs().mean().item())
+        gaps.append((layer.soft_mask() - (w2 > layer.tau).float()).abs().mean().item())
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-2
-    assert bs.temperature_schedule(0, 10) == pytest.approx(1e-4)
-    assert bs.temperature_schedule(9, 10) == pytest.approx(1e-6)
-    # tau is learned: the soft-L0 penalty pushes it up
+    assert bs.temperature_schedule(0, 10) == pytest.approx(0.25)
+    assert bs.temperature_schedule(9, 10) == pytest.approx(0.0025)
+    # tau is learned (through log tau): the soft-L0 penalty pushes it up
     layer.regularizer().backward()
-    assert layer.tau.grad < 0
+    assert layer.log_tau.grad < 0 and layer.tau > 0
 
 
 def test_l1_proximal_step_gives_exact_zeros():
