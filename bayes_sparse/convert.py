@@ -154,7 +154,7 @@ def sparsify(model: nn.Module, method: str = "vd", include: Optional[Sequence[Se
             patterns (``"features.*"``); a name also selects everything below it. ``None`` selects all.
         exclude: Never convert modules matching one of these (same forms); wins over ``include``.
         inplace: Change ``model`` itself (returned) instead of a deep copy.
-        **method_options: Passed to the method's converter, e.g. ``init_log_alpha=-8.0`` for ``"vd"``.
+        **method_options: Passed to the method's converter, e.g. ``init_log_sigma2=-10.0`` for ``"vd"``.
 
     Returns:
         The converted model. :func:`conversion_report` lists what was converted and what was left.
@@ -175,7 +175,7 @@ def sparsify(model: nn.Module, method: str = "vd", include: Optional[Sequence[Se
         raise ValueError(f"unknown method {method!r}; known: {', '.join(methods())}")
     table = _REGISTRY[method]
     include_l, exclude_l = _check_selectors(include, "include"), _check_selectors(exclude, "exclude")
-    named = list(model.named_modules())
+    named = list(model.named_modules(remove_duplicate=False))  # a shared layer is listed at each of its places
     for arg, sel_list in (("include", include_l), ("exclude", exclude_l)):
         for s in sel_list:
             if not any(_matches(s, n, m) for n, m in named):
@@ -211,8 +211,11 @@ def sparsify(model: nn.Module, method: str = "vd", include: Optional[Sequence[Se
                          f"{', '.join(t.__name__ for t in table)}")
 
     out = model if inplace else copy.deepcopy(model)
+    converted: dict[int, nn.Module] = {}  # convert a shared layer once and keep it shared
     for name in targets:
         layer = out.get_submodule(name)
-        out = replace_module_(out, name, _convert_fn(table[type(layer)])(layer, **method_options))
+        if id(layer) not in converted:
+            converted[id(layer)] = _convert_fn(table[type(layer)])(layer, **method_options)
+        out = replace_module_(out, name, converted[id(layer)])
     logger.info("sparsify(%s): converted %d layer(s)", method, len(targets))
     return out

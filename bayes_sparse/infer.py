@@ -121,6 +121,7 @@ class SVIModel:
 
     def __call__(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         self._check_batch(x, y)
+        self._check_param_store(self.net, self.name)
         pyro.module(self.name, self.net)
         batch = x.shape[0]
         # The minibatch was drawn by the data loader; handing Pyro its positions keeps the N/B scale

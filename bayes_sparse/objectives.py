@@ -19,7 +19,7 @@ def _sum(model: nn.Module, bayesian: bool | None) -> Tensor:
     terms = [layer.regularizer() for _, layer in sparse_layers(model) if bayesian is None or layer.bayesian == bayesian]
     if not terms:
         p = next(model.parameters(), None)
-        return torch.zeros((), device=p.device if p is not None else None)
+        return torch.zeros((), device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
     return torch.stack(terms).sum()
 
 

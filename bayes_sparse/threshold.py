@@ -98,6 +98,10 @@ def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no sparse layers to threshold; convert it first, "
                          "e.g. bayes_sparse.sparsify(model, method='vd')")
+    if log_alpha is not None and not any(isinstance(layer, _VDLayer) for _, layer in layers):
+        kinds = sorted({layer.method for _, layer in layers})
+        raise ValueError(f"log_alpha={log_alpha} applies to Sparse VD layers only, and this model has {kinds}; "
+                         "use threshold_(model) for each method's own criterion or sparsity=...")
 
     masks: dict[str, Tensor] = {}
     if sparsity is not None and scope == "global":
@@ -128,6 +132,8 @@ def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity:
             mask = mask & layer.weight_mask
         label = name or type(layer).__name__
         min_keep = math.ceil(min_density * mask.numel()) if min_density > 0 else 0
+        available = int((_score(layer) > float("-inf")).sum())  # not pruned before, not gated off
+        min_keep = min(min_keep, available)  # the guard never brings back a pruned weight
         if int(mask.sum()) < min_keep:
             warnings.warn(f"layer {label!r} ({type(layer).__name__}) would keep {int(mask.sum())} of {mask.numel()} "
                           f"weights; min_density={min_density} keeps its {min_keep} best. Pass min_density=0 to "
@@ -145,6 +151,8 @@ def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity:
 
 def sparsity_schedule(step: int, steps: int, final: float, start: float = 0.0) -> float:
     """Cubic schedule of Zhu and Gupta (2017): ``final + (start - final)(1 - step/steps)^3`` for step 1..steps."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     frac = min(1.0, max(0.0, step / steps))
     return final + (start - final) * (1.0 - frac) ** 3
 
@@ -175,6 +183,10 @@ def iterative_magnitude_prune_(model: nn.Module, finetune: Callable[[nn.Module, 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     final_sparsity = check_number(final_sparsity, "final_sparsity", low=0.0, high=1.0)
+    if final_sparsity >= 1.0:
+        raise ValueError(f"final_sparsity must be in [0, 1), got {final_sparsity}; 1.0 would prune every weight")
+    if not callable(finetune):
+        raise TypeError(f"finetune must be a callable finetune(model, step), got {type(finetune).__name__}")
     start_sparsity = check_number(start_sparsity, "start_sparsity", low=0.0, high=final_sparsity)
     history = []
     for step in range(1, steps + 1):

@@ -114,22 +114,22 @@ TORCHVISION = [
 ]
 
 
+METHODS = ["vd", "l0", "ltp", "l1", "magnitude"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name,kw", TORCHVISION, ids=[t[0] for t in TORCHVISION])
-def test_torchvision_networks(name, kw):
+def test_torchvision_networks(name, kw, method):
     orig = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
-    sp = bs.sparsify(orig, **kw)
+    sp = bs.sparsify(orig, method=method, **kw)
     n_sparse = sum(isinstance(m, bs.SparseLayer) for m in sp.modules())
     assert n_sparse == sum(type(m) in (nn.Linear, nn.Conv2d) for m in orig.modules()) - len(kw.get("exclude", []))
     torch.testing.assert_close(sp.eval()(x), orig(x), rtol=1e-5, atol=1e-5)
     plain_loss, svi_loss = _step_both_ways(sp, x, y)
     assert torch.isfinite(torch.tensor([plain_loss, svi_loss])).all()
-    with torch.no_grad():  # make some weights prunable, then threshold and export
-        for m in sp.modules():
-            if isinstance(m, bs.SparseLayer):
-                m.log_sigma2.uniform_(-12, 0)
-    densities = bs.threshold_(sp)
-    assert 0 < min(densities.values()) and min(densities.values()) < 1
+    densities = bs.threshold_(sp, sparsity=0.7)
+    assert all(d == pytest.approx(0.3, abs=0.01) for d in densities.values())
     back = bs.to_dense(sp)
     assert _tree(back) == _tree(orig)
     fresh = getattr(torchvision.models, name)(num_classes=10)
@@ -224,3 +224,23 @@ def test_stale_pyro_params_are_refused():
     bs.SVIModel(net, 10)(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="call pyro.clear_param_store"):
         bs.SVIModel(bs.sparsify(_small()), 10)
+
+
+def test_shared_layers_stay_shared():
+    lin = nn.Linear(4, 4)
+    net = nn.Sequential(lin, nn.ReLU(), lin)
+    sp = bs.sparsify(net)
+    assert isinstance(sp[0], bs.VDLinear) and sp[0] is sp[2]
+    bs.threshold_(sp)
+    back = bs.to_dense(sp)
+    assert type(back[2]) is nn.Linear and back[0] is back[2]
+
+
+def test_two_models_built_before_training_do_not_share_parameters():
+    pyro.clear_param_store()
+    a, b = bs.sparsify(_small()), bs.sparsify(_small())
+    ma, mb = bs.SVIModel(a, 10), bs.SVIModel(b, 10)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    ma(x, y)
+    with pytest.raises(RuntimeError, match="call pyro.clear_param_store"):
+        mb(x, y)

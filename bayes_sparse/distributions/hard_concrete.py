@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
+import torch.nn.functional as F
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
@@ -80,6 +83,7 @@ class HardConcrete(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         dens = BF.hard_concrete_log_density(value, self.log_alpha, self.beta, self.gamma, self.zeta)
-        at0 = torch.log1p(-self.prob_nonzero).expand_as(dens)
-        at1 = torch.log(self.prob_one).expand_as(dens)
+        at0 = F.logsigmoid(self.beta * math.log(-self.gamma / self.zeta) - self.log_alpha).expand_as(dens)
+        one = torch.ones_like(self.log_alpha)
+        at1 = F.logsigmoid(-BF._hc_cdf_logit(one, self.log_alpha, self.beta, self.gamma, self.zeta)).expand_as(dens)
         return torch.where(value <= 0, at0, torch.where(value >= 1, at1, dens))

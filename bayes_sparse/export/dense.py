@@ -42,6 +42,8 @@ def to_dense(model: nn.Module) -> nn.Module:
     if isinstance(model, SparseLayer):
         return model.to_dense()
     out = copy.deepcopy(model)
-    for name, layer in list(sparse_layers(out)):
-        replace_module_(out, name, layer.to_dense())
+    twins: dict[int, nn.Module] = {}  # a layer shared at several places stays shared
+    for name, layer in list(out.named_modules(remove_duplicate=False)):
+        if isinstance(layer, SparseLayer):
+            replace_module_(out, name, twins.setdefault(id(layer), layer.to_dense()))
     return out

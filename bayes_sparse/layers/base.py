@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from .._validation import check_input_dtype, check_module
 
-__all__ = ["SUPPORTED_DENSE_TYPES", "SparseLayer", "dense_kwargs", "replace_module_", "sparse_layers"]
+__all__ = ["SUPPORTED_DENSE_TYPES", "HyperparameterState", "SparseLayer", "dense_kwargs", "replace_module_",
+           "sparse_layers"]
 
 #: The torch layer types a sparse layer can stand in for, in the order their subclasses are searched.
 SUPPORTED_DENSE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -59,6 +60,10 @@ class SparseLayer:
     method: str = ""
     #: True when :meth:`regularizer` is a KL divergence (read by ``kl``), False for a penalty (``penalty``).
     bayesian: bool = False
+    #: Whether evaluation applies the method's criterion before ``threshold_`` fixes a mask: True where the
+    #: mask is part of the learned model (Sparse VD's log alpha, L0's gates, LTP's threshold), False where
+    #: pruning is a separate decision (L1, magnitude), which then evaluates unpruned until thresholded.
+    criterion_in_eval: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -101,8 +106,11 @@ class SparseLayer:
         return self._conv_forward(x, weight, bias)
 
     def hard_mask(self) -> Tensor:
-        """The fixed mask after thresholding, else the default criterion's mask."""
-        return self.weight_mask if bool(self.mask_fixed) else self.criterion_mask()
+        """The fixed mask after thresholding; before it, the default criterion's mask (or all ones for methods
+        whose :attr:`criterion_in_eval` is False)."""
+        if bool(self.mask_fixed):
+            return self.weight_mask
+        return self.criterion_mask() if self.criterion_in_eval else torch.ones_like(self.weight_mask)
 
     def masked_weight(self) -> Tensor:
         """The weight evaluation and the dense export use: ``weight`` with the hard mask applied."""
@@ -194,6 +202,21 @@ class SparseLayer:
 
     def extra_repr(self) -> str:  # type: ignore[override]
         return super().extra_repr() + f", method={self.method}"
+
+
+class HyperparameterState:
+    """Mixin: saves the plain-attribute hyperparameters named in ``hyperparameters`` in the ``state_dict``
+    (as ``<layer>._extra_state``), so a checkpoint restores the objective, not just the tensors."""
+
+    hyperparameters: tuple[str, ...] = ()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.hyperparameters}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        for k in self.hyperparameters:
+            if k in state:
+                setattr(self, k, state[k])
 
 
 def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:

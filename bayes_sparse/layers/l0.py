@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import functional as BF
 from .._validation import check_number
 from ..distributions import HardConcrete
-from .base import SparseLayer
+from .base import HyperparameterState, SparseLayer
 
 __all__ = ["L0Conv1d", "L0Conv2d", "L0Conv3d", "L0Linear"]
 
@@ -27,7 +27,8 @@ DEFAULT_L0_PENALTY = 0.1
 DEFAULT_DROPRATE_INIT = 0.5
 
 
-class _L0Layer(SparseLayer):
+class _L0Layer(HyperparameterState, SparseLayer):
+    hyperparameters = ("penalty_strength",)
     method = "l0"
 
     def _init_method_parameters(self) -> None:
@@ -49,6 +50,10 @@ class _L0Layer(SparseLayer):
                    droprate_init: float = DEFAULT_DROPRATE_INIT) -> "_L0Layer":
         """Build the L0 layer from a trained torch layer.
 
+        The weight is stored divided by the initial test-time gate (x2 at the default drop rate 0.5), so in
+        eval the converted layer computes exactly what ``layer`` did, and in training the gated weight has
+        about the pretrained scale.
+
         Args:
             layer: A plain torch layer of this class's :attr:`dense_type`.
             penalty: Strength of the expected-L0 penalty in units of 1/N, finite and >= 0.
@@ -62,6 +67,8 @@ class _L0Layer(SparseLayer):
         new = cls._copy_from_dense(layer)
         new.penalty_strength = penalty
         new._reset_log_alpha(droprate_init)
+        with torch.no_grad():
+            new.weight.div_(BF.hard_concrete_test_gate(new.log_alpha))
         return new
 
     def gates(self) -> HardConcrete:
@@ -69,10 +76,19 @@ class _L0Layer(SparseLayer):
         return HardConcrete(self.log_alpha)
 
     def keep_score(self) -> Tensor:
-        return self.log_alpha
+        """log alpha, and -inf where the test-time gate is exactly 0 (such a weight cannot be kept)."""
+        return self.log_alpha.masked_fill(~self.criterion_mask(), float("-inf"))
 
     def criterion_mask(self, threshold: float | None = None) -> Tensor:
+        if threshold is not None:
+            raise ValueError(f"L0 layers prune where the test-time gate is 0 and take no threshold (got {threshold}); "
+                             "use threshold_(model) or threshold_(model, sparsity=...)")
         return BF.hard_concrete_test_gate(self.log_alpha) > 0
+
+    def hard_mask(self) -> Tensor:
+        """The fixed mask, and never a weight whose test-time gate is 0."""
+        mask = super().hard_mask()
+        return mask & self.criterion_mask() if bool(self.mask_fixed) else mask
 
     def masked_weight(self) -> Tensor:
         return self.weight * BF.hard_concrete_test_gate(self.log_alpha) * self.hard_mask().to(self.weight.dtype)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import functional as BF
 from .._validation import check_module, check_number
-from .base import SparseLayer
+from .base import HyperparameterState, SparseLayer
 
 __all__ = ["L1Conv1d", "L1Conv2d", "L1Conv3d", "L1Linear", "proximal_step_"]
 
@@ -21,8 +21,10 @@ DEFAULT_L1_PENALTY = 1.0
 DEFAULT_PRUNE_BELOW = 1e-3
 
 
-class _L1Layer(SparseLayer):
+class _L1Layer(HyperparameterState, SparseLayer):
+    hyperparameters = ("penalty_strength", "proximal", "prune_below")
     method = "l1"
+    criterion_in_eval = False
 
     def _init_method_parameters(self) -> None:
         self.penalty_strength = DEFAULT_L1_PENALTY

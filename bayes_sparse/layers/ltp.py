@@ -18,20 +18,22 @@ from torch import Tensor, nn
 
 from .. import functional as BF
 from .._validation import check_module, check_number
-from .base import SparseLayer
+from .base import HyperparameterState, SparseLayer
 
 __all__ = ["LTPConv1d", "LTPConv2d", "LTPConv3d", "LTPLinear", "set_temperature_", "temperature_schedule"]
 
 DEFAULT_LTP_PENALTY = 1e-3
 #: Default temperature, relative to the layer's mean squared weight.
 DEFAULT_TEMPERATURE = 0.25
-#: Default initial threshold, relative to the layer's mean squared weight.
-DEFAULT_TAU_INIT = 0.01
+#: Default initial threshold, relative to the layer's mean squared weight (the log-scale parameter gets it
+#: to useful values within a few hundred steps).
+DEFAULT_TAU_INIT = 1e-6
 #: ``tau = s^2 exp(LOG_TAU_SCALE * log_tau)``: a preconditioner for the one scalar per layer.
 LOG_TAU_SCALE = 20.0
 
 
-class _LTPLayer(SparseLayer):
+class _LTPLayer(HyperparameterState, SparseLayer):
+    hyperparameters = ("penalty_strength", "temperature")
     method = "ltp"
 
     def _init_method_parameters(self) -> None:
@@ -60,7 +62,9 @@ class _LTPLayer(SparseLayer):
             layer: A plain torch layer of this class's :attr:`dense_type`.
             penalty: Soft-L0 penalty strength in units of 1/N, finite and >= 0.
             temperature: Initial temperature T > 0 of the soft mask, relative to the mean squared weight.
-            tau_init: Initial threshold on ``w^2`` relative to the mean squared weight, > 0.
+            tau_init: Initial threshold on ``w^2`` relative to the mean squared weight, > 0. It is lowered
+                below half the smallest non-zero ``w^2`` when needed, so nothing starts pruned and the
+                converted layer computes exactly what ``layer`` did until training moves it.
 
         References:
             Azarian, Bhalgat, Lee, Blankevoort. Learned Threshold Pruning. 2020.
@@ -72,7 +76,9 @@ class _LTPLayer(SparseLayer):
         new._set_scale()
         new.penalty_strength, new.temperature = penalty, temperature
         with torch.no_grad():
-            new.log_tau.fill_(math.log(tau_init) / LOG_TAU_SCALE)
+            w2 = new.weight * new.weight
+            smallest = float(w2[w2 > 0].min()) / float(new.weight_scale2) if bool((w2 > 0).any()) else tau_init
+            new.log_tau.fill_(math.log(min(tau_init, 0.5 * smallest)) / LOG_TAU_SCALE)
         return new
 
     def soft_mask(self) -> Tensor:
@@ -82,6 +88,9 @@ class _LTPLayer(SparseLayer):
         return self.weight * self.weight - self.tau
 
     def criterion_mask(self, threshold: float | None = None) -> Tensor:
+        if threshold is not None:
+            raise ValueError(f"LTP layers prune at their learned threshold and take no other (got {threshold}); "
+                             "use threshold_(model) or threshold_(model, sparsity=...)")
         return self.weight * self.weight > self.tau
 
     def regularizer(self) -> Tensor:

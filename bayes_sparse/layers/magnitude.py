@@ -11,15 +11,17 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .._validation import check_number
-from .base import SparseLayer
+from .base import HyperparameterState, SparseLayer
 
 __all__ = ["MagnitudeConv1d", "MagnitudeConv2d", "MagnitudeConv3d", "MagnitudeLinear"]
 
 DEFAULT_QUALITY = 1.0
 
 
-class _MagnitudeLayer(SparseLayer):
+class _MagnitudeLayer(HyperparameterState, SparseLayer):
+    hyperparameters = ("quality",)
     method = "magnitude"
+    criterion_in_eval = False
 
     def _init_method_parameters(self) -> None:
         self.quality = DEFAULT_QUALITY

@@ -61,3 +61,10 @@ def test_rsample_gradcheck_and_test_gate():
     assert torch.autograd.gradcheck(BF.hard_concrete_prob_nonzero, (la,))
     g = BF.hard_concrete_test_gate(torch.tensor([-10.0, -2.39, -2.41, 0.0, 10.0]))
     assert g[0] == 0 and g[1] > 0 and g[2] == 0 and g[3] == pytest.approx(0.5) and g[4] == 1
+
+
+def test_log_prob_at_the_atoms_is_finite_for_extreme_locations():
+    d = HardConcrete(torch.tensor([20.0, -20.0]))
+    lp0, lp1 = d.log_prob(torch.zeros(2)), d.log_prob(torch.ones(2))
+    assert torch.isfinite(lp0).all() and torch.isfinite(lp1).all()
+    assert lp0[0] == pytest.approx(-20 + (2 / 3) * torch.tensor(0.1 / 1.1).log().item(), abs=1e-3)  # about -21.6

@@ -1,5 +1,7 @@
 """Every method family behind the one protocol: shapes, masks, penalties, export, both training paths."""
 
+import math
+
 import pyro
 import pyro.infer
 import pytest
@@ -44,7 +46,7 @@ def test_kl_and_penalty_split_over_a_mixed_model():
                         bs.MagnitudeLinear(3, 2))
     kl = BF.kl_log_uniform(net[0].log_alpha).sum()
     pen = (0.1 * BF.hard_concrete_prob_nonzero(net[1].log_alpha).sum()
-           + 1e-3 * BF.soft_threshold_mask(net[2].weight, 0.01 * net[2].weight.pow(2).mean(),
+           + 1e-3 * BF.soft_threshold_mask(net[2].weight, 1e-6 * net[2].weight.pow(2).mean(),
                                             0.25 * net[2].weight.pow(2).mean()).sum()
            + 1.0 * net[3].weight.abs().sum())
     torch.testing.assert_close(bs.kl(net), kl)
@@ -75,6 +77,11 @@ def test_ltp_soft_mask_threshold_and_temperature():
     layer = bs.LTPLinear.from_dense(nn.Linear(30, 20), temperature=0.5, tau_init=0.3)
     w2 = layer.weight.detach() ** 2
     s2 = w2.mean()
+    # the initial threshold is lowered below the smallest squared weight: nothing starts pruned
+    torch.testing.assert_close(layer.tau.detach(), 0.5 * w2.min())
+    assert layer.criterion_mask().all()
+    with torch.no_grad():
+        layer.log_tau.fill_(math.log(0.3) / 20)
     torch.testing.assert_close(layer.tau.detach(), 0.3 * s2)
     torch.testing.assert_close(layer.soft_mask(), torch.sigmoid((w2 - 0.3 * s2) / (0.5 * s2)))
     assert torch.equal(layer.criterion_mask(), w2 > layer.tau)
@@ -206,3 +213,54 @@ def test_bad_threshold_arguments():
         bs.threshold_(net, min_density=2.0)
     with pytest.raises(ValueError, match="temperature must be in"):
         bs.set_temperature_(net, -1.0)
+
+
+def test_l0_mask_never_keeps_a_gated_off_weight():
+    layer = bs.L0Linear(10, 10)
+    with torch.no_grad():
+        layer.log_alpha.fill_(-5.0)  # every test-time gate is exactly 0
+        layer.log_alpha[0, :4] = 3.0
+    d = bs.threshold_(layer, sparsity=0.5, min_density=0)
+    assert d[""] == pytest.approx(0.04)  # only the four open gates can be kept
+    assert int((layer.masked_weight() != 0).sum()) == 4
+    assert bs.report(layer).nonzero == bs.report(bs.to_dense(layer)).nonzero == 4
+    with pytest.raises(ValueError, match="L0 layers .* take no threshold"):
+        layer.criterion_mask(0.5)
+
+
+def test_min_density_guard_never_resurrects_pruned_weights():
+    layer = bs.MagnitudeLinear(100, 10)
+    bs.threshold_(layer, sparsity=0.999, min_density=0)
+    kept = layer.weight_mask.clone()
+    assert int(kept.sum()) == 1
+    bs.threshold_(layer, sparsity=0.999, min_density=0.01)
+    assert torch.equal(layer.weight_mask, kept)
+
+
+def test_hyperparameters_travel_in_the_state_dict():
+    a = bs.sparsify(nn.Sequential(nn.Linear(4, 3)), method="l1", penalty=5.0, proximal=True, prune_below=0.01)
+    b = bs.sparsify(nn.Sequential(nn.Linear(4, 3)), method="l1")
+    b.load_state_dict(a.state_dict())
+    assert (b[0].penalty_strength, b[0].proximal, b[0].prune_below) == (5.0, True, 0.01)
+    c = bs.sparsify(nn.Sequential(nn.Linear(4, 3)), method="ltp", temperature=0.1)
+    d = bs.sparsify(nn.Sequential(nn.Linear(4, 3)), method="ltp")
+    d.load_state_dict(c.state_dict())
+    assert d[0].temperature == 0.1
+
+
+def test_log_alpha_threshold_needs_vd_layers_and_dtype_of_empty_sums():
+    with pytest.raises(ValueError, match=r"log_alpha=5.0 applies to Sparse VD layers only, and this model has \['l1'\]"):
+        bs.threshold_(bs.L1Linear(10, 10), log_alpha=5.0)
+    assert bs.kl(nn.Linear(2, 2).double()).dtype == torch.float64
+
+
+def test_iterative_pruning_rejects_bad_arguments_up_front():
+    net = _mlp("magnitude")
+    calls = []
+    with pytest.raises(ValueError, match=r"final_sparsity must be in \[0, 1\), got 1.0"):
+        bs.iterative_magnitude_prune_(net, lambda m, s: calls.append(s), final_sparsity=1.0, steps=2)
+    assert calls == []
+    with pytest.raises(TypeError, match="finetune must be a callable"):
+        bs.iterative_magnitude_prune_(net, None, final_sparsity=0.5, steps=2)
+    with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
+        bs.sparsity_schedule(0, 0, 0.9)
