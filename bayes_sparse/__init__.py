@@ -8,7 +8,7 @@ Methods: ``"vd"`` Sparse Variational Dropout, ``"l0"`` hard-concrete gates, ``"l
 soft L0, ``"l1"`` L1 penalty (optionally proximal), ``"magnitude"`` magnitude pruning.
 """
 
-from . import data, distributions, functional, infer
+from . import data, distributions, export, functional, infer
 from .convert import ConversionReport, conversion_report, methods, register, sparsify
 from .export import to_dense
 from .infer import SVIModel, error_rate, fit_svi
@@ -49,7 +49,7 @@ __all__ = sorted([
     "ConversionReport", "L0Conv1d", "L0Conv2d", "L0Conv3d", "L0Linear", "L1Conv1d", "L1Conv2d", "L1Conv3d",
     "L1Linear", "LTPConv1d", "LTPConv2d", "LTPConv3d", "LTPLinear", "MagnitudeConv1d", "MagnitudeConv2d",
     "MagnitudeConv3d", "MagnitudeLinear", "SVIModel", "SparseLayer", "SparsityReport", "VDConv1d", "VDConv2d",
-    "VDConv3d", "VDLinear", "conversion_report", "data", "distributions", "error_rate", "fit_svi", "functional",
+    "VDConv3d", "VDLinear", "conversion_report", "data", "distributions", "export", "error_rate", "fit_svi", "functional",
     "infer", "iterative_magnitude_prune_", "kl", "methods", "penalty", "proximal_step_", "register",
     "regularizer", "report", "set_temperature_", "sparse_layers", "sparsify", "sparsity_schedule",
     "temperature_schedule", "threshold_", "to_dense",

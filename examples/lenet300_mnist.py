@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--source", default="auto", choices=bs.data.SOURCES, help="where MNIST comes from")
     p.add_argument("--out", type=Path, default=None, help="write the results JSON (and a PNG plot beside it)")
+    p.add_argument("--save-model", type=Path, default=None,
+                   help="write the thresholded sparse model's state_dict (safetensors) for later export benchmarks")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -112,6 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
         "curve": curve, "torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
         "command": "python " + " ".join(sys.argv),
     }
+    if args.save_model:
+        from safetensors.torch import save_file
+        args.save_model.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.save_model))
+        print(f"wrote {args.save_model}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -1,0 +1,94 @@
+"""Bit packing and the index/value encodings of the compressed file format (numpy, no state)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["choose_index_encoding", "decode_relative", "encode_relative", "kmeans_codebook", "pack", "unpack"]
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack non-negative integers < 2**bits into a uint8 array, ``bits`` bits each, little-endian bit order."""
+    codes = np.asarray(codes, dtype=np.uint32)
+    if codes.size and int(codes.max()) >= (1 << bits):
+        raise ValueError(f"a code does not fit in {bits} bits")
+    bit_planes = ((codes[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(bit_planes.reshape(-1), bitorder="little")
+
+
+def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack`: ``count`` integers of ``bits`` bits (int64)."""
+    needed = (count * bits + 7) // 8
+    if packed.size < needed:
+        raise ValueError(f"{packed.size} bytes hold fewer than {count} codes of {bits} bits")
+    flat = np.unpackbits(packed[:needed], bitorder="little")[: count * bits].reshape(count, bits).astype(np.int64)
+    return (flat << np.arange(bits, dtype=np.int64)).sum(axis=1)
+
+
+def encode_relative(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deep Compression's relative indices: each entry advances ``code + 1`` positions; a gap longer than
+    ``2**bits`` is bridged by filler entries (code ``2**bits - 1``, value 0).
+
+    Returns:
+        ``(codes, is_real)``: one code per entry, and which entries carry a real (non-filler) value.
+    """
+    span = 1 << bits
+    gaps = np.diff(np.concatenate([[-1], positions.astype(np.int64)]))
+    fillers = (gaps - 1) // span
+    codes = np.full(int(fillers.sum() + gaps.size), span - 1, dtype=np.int64)
+    is_real = np.zeros(codes.size, dtype=bool)
+    real_at = np.cumsum(fillers + 1) - 1
+    codes[real_at] = gaps - fillers * span - 1
+    is_real[real_at] = True
+    return codes, is_real
+
+
+def decode_relative(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Positions written by each entry of :func:`encode_relative` (fillers included)."""
+    return np.cumsum(codes + 1) - 1
+
+
+def relative_entries(positions: np.ndarray, bits: int) -> int:
+    """Number of entries (real + filler) :func:`encode_relative` would write."""
+    gaps = np.diff(np.concatenate([[-1], positions.astype(np.int64)]))
+    return int(((gaps - 1) >> bits).sum() + gaps.size)
+
+
+def choose_index_encoding(positions: np.ndarray, numel: int, value_bits: int) -> tuple[str, int, int]:
+    """The cheapest of: a bitmask, relative indices of 1-16 bits with fillers, absolute int32 indices.
+
+    Returns:
+        ``(kind, index_bits, total_bits)`` with kind in {"bitmask", "relative", "int32"}.
+    """
+    nnz = positions.size
+    best = ("bitmask", 1, numel + nnz * value_bits)
+    absolute = ("int32", 32, nnz * (32 + value_bits))
+    if absolute[2] < best[2]:
+        best = absolute
+    for bits in range(1, 17):
+        total = relative_entries(positions, bits) * (bits + value_bits)
+        if total < best[2]:
+            best = ("relative", bits, total)
+    return best
+
+
+def kmeans_codebook(values: np.ndarray, k: int, iters: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """1-D k-means (Lloyd) with linear initialisation, as in Deep Compression.
+
+    Returns:
+        ``(codebook float32 of size <= k, codes int64)`` with ``codebook[codes]`` approximating ``values``.
+    """
+    v = values.astype(np.float64)
+    if v.size == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    centers = np.linspace(v.min(), v.max(), num=min(k, max(1, np.unique(v).size)))
+    for _ in range(iters):
+        codes = np.abs(v[:, None] - centers[None, :]).argmin(1)
+        sums = np.bincount(codes, weights=v, minlength=centers.size)
+        counts = np.bincount(codes, minlength=centers.size)
+        new = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
+        if np.allclose(new, centers):
+            break
+        centers = new
+    codes = np.abs(v[:, None] - centers[None, :]).argmin(1)
+    return centers.astype(np.float32), codes
