@@ -1,0 +1,192 @@
+"""Compressed files: lossless round trips, encodings, size accounting, and 600 damaged files."""
+
+import io
+import json
+import random
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+import bayes_sparse as bs
+from bayes_sparse.export import CorruptFileError, _bits
+
+
+def _sparse_lenet(density_spread=(-14, 2)):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Unflatten(1, (1, 12, 12)), bs.VDConv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), bs.VDLinear(144, 40), nn.ReLU(), bs.VDLinear(40, 10))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, bs.SparseLayer):
+                m.log_sigma2.uniform_(*density_spread)
+    bs.threshold_(net)
+    return net
+
+
+@pytest.mark.parametrize("values", ["float32", "float16", "bfloat16", 4, "auto"])
+def test_round_trip(tmp_path, values):
+    net = _sparse_lenet()
+    dense = bs.to_dense(net).eval()
+    path = tmp_path / "m.safetensors"
+    rep = bs.export.save(net, path, values=values)
+    assert rep.total_bytes == path.stat().st_size
+    back = bs.export.load(path)  # rebuilt from the header's module tree, no architecture given
+    assert [type(m) for m in back.modules()] == [type(m) for m in dense.modules()]
+    x = torch.rand(7, 144)
+    if values == "float32":
+        assert torch.equal(back(x), dense(x))  # bit-identical
+        for k, v in bs.export.load_state_dict(path).items():
+            assert torch.equal(v, dense.state_dict()[k]), k
+    else:
+        sd = bs.export.load_state_dict(path)
+        for k, v in dense.state_dict().items():  # the mask survives exactly, only values are rounded
+            assert torch.equal(sd[k] != 0, v != 0), k
+        torch.testing.assert_close(back(x), dense(x), rtol=0.3, atol=0.3)
+
+
+def test_load_into_a_given_architecture_and_needs_one_otherwise(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(x).relu()
+
+    net = Net()
+    bs.export.save(net, tmp_path / "n.safetensors")
+    with pytest.raises(ValueError, match=r"does not record its module tree.*load\(path, model=MyNet\(\)\)"):
+        bs.export.load(tmp_path / "n.safetensors")
+    back = bs.export.load(tmp_path / "n.safetensors", model=Net())
+    assert torch.equal(back.fc.weight, net.fc.weight)
+    with pytest.raises(CorruptFileError, match="does not fit the architecture"):
+        bs.export.load(tmp_path / "n.safetensors", model=nn.Sequential(nn.Linear(6, 4)))
+
+
+def test_encodings_are_the_cheapest_and_decode_exactly():
+    rng = np.random.default_rng(0)
+    for density in (0.001, 0.02, 0.3, 0.9):
+        n = 20000
+        pos = np.flatnonzero(rng.random(n) < density)
+        kind, bits, total = _bits.choose_index_encoding(pos, n, 32)
+        assert total <= n + pos.size * 32 and total <= pos.size * 64
+        for b in (3, 8, 16):
+            codes, real = _bits.encode_relative(pos, b)
+            assert codes.max(initial=0) < 2**b
+            assert np.array_equal(_bits.decode_relative(codes, b)[real], pos)
+            assert np.array_equal(_bits.unpack(_bits.pack(codes, b), b, codes.size), codes)
+    assert _bits.choose_index_encoding(np.arange(0, 1000, 2), 1000, 32)[0] in ("bitmask", "relative")
+    assert _bits.choose_index_encoding(np.array([5, 900_000]), 1_000_000, 32)[0] == "int32"
+
+
+def test_save_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match=r"values must be one of .* got 'int8'"):
+        bs.export.save(nn.Linear(2, 2), tmp_path / "x", values="int8")
+    with pytest.raises(ValueError, match="got 9"):
+        bs.export.save(nn.Linear(2, 2), tmp_path / "x", values=9)
+    with pytest.raises(RuntimeError, match="call bayes_sparse.threshold_"):
+        bs.export.save(nn.Sequential(bs.VDLinear(2, 2)), tmp_path / "x")
+
+
+# ----- damaged files -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    net = _sparse_lenet()
+    path = tmp_path_factory.mktemp("f") / "good.safetensors"
+    bs.export.save(net, path, values=4)
+    return path.read_bytes(), bs.export.load_state_dict(path)
+
+
+def _load_bytes(tmp_path, data):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(data)
+    return bs.export.load_state_dict(p)
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fuzz_600_damaged_files(tmp_path, good_file):
+    data, reference = good_file
+    rng = random.Random(1234)
+    outcomes = {"error": 0, "harmless": 0}
+    for i in range(600):
+        b = bytearray(data)
+        kind = i % 4
+        if kind == 0:  # truncation
+            b = b[: rng.randrange(0, len(b))]
+        elif kind == 1:  # one flipped byte anywhere
+            j = rng.randrange(len(b))
+            b[j] ^= rng.randrange(1, 256)
+        elif kind == 2:  # a flipped byte inside the safetensors/JSON header
+            j = rng.randrange(8, 8 + int.from_bytes(data[:8], "little"))
+            b[j] ^= rng.randrange(1, 256)
+        else:  # a burst of random bytes
+            j = rng.randrange(len(b))
+            b[j:j + 16] = bytes(rng.randrange(256) for _ in range(16))
+        try:
+            loaded = _load_bytes(tmp_path, bytes(b))
+        except CorruptFileError as e:
+            assert str(e)
+            outcomes["error"] += 1
+        else:  # only a change that does not alter meaning (e.g. JSON whitespace) may load, and then exactly
+            assert _same(loaded, reference), f"case {i} loaded different numbers"
+            outcomes["harmless"] += 1
+    assert outcomes["error"] >= 550, outcomes
+
+
+def _rewrite_metadata(data, **changes):
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8:8 + n])
+    head["__metadata__"].update(changes)
+    new = json.dumps(head).encode()
+    new += b" " * (-len(new) % 8)
+    return struct.pack("<Q", len(new)) + new + data[8 + n:]
+
+
+def test_named_problems(tmp_path, good_file):
+    data, _ = good_file
+    with pytest.raises(CorruptFileError, match="too short"):
+        _load_bytes(tmp_path, data[:5])
+    with pytest.raises(CorruptFileError, match=r"claims \d+ bytes .*truncated"):
+        _load_bytes(tmp_path, data[:100])
+    with pytest.raises(CorruptFileError, match="not a bayes_sparse model file \\(format 'other'\\)"):
+        _load_bytes(tmp_path, _rewrite_metadata(data, format="other"))
+    with pytest.raises(CorruptFileError, match="format version '99'; this library reads version 1"):
+        _load_bytes(tmp_path, _rewrite_metadata(data, version="99"))
+    with pytest.raises(CorruptFileError, match="header checksum does not match"):
+        _load_bytes(tmp_path, _rewrite_metadata(data, header_crc32="1"))
+    with pytest.raises(CorruptFileError, match="not a bayes_sparse model file"):  # another tool's safetensors file
+        _load_bytes(tmp_path, st_save({"w": torch.ones(3)}))
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)  # a pickle-based torch file is refused without being unpickled
+    with pytest.raises(CorruptFileError):
+        _load_bytes(tmp_path, buf.getvalue())
+    with pytest.raises(CorruptFileError, match="cannot read"):
+        bs.export.load_state_dict(tmp_path / "missing.safetensors")
+
+
+def test_out_of_range_indices_are_caught_even_with_valid_checksums(tmp_path):
+    # a writer bug (not damage): indices beyond the tensor, with correct checksums
+    lin = nn.Linear(10, 2)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0, 0] = 1.0
+        lin.weight[1, 9] = 2.0
+    path = tmp_path / "m.safetensors"
+    bs.export.save(nn.Sequential(lin), path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8:8 + n])
+    inner = json.loads(head["__metadata__"]["header"])
+    inner["tensors"]["0.weight"]["shape"] = [2, 5]  # now index 19 is out of range
+    text = json.dumps(inner, separators=(",", ":"), sort_keys=True)
+    import zlib
+    data = _rewrite_metadata(data, header=text, header_crc32=str(zlib.crc32(text.encode())))
+    with pytest.raises(CorruptFileError, match=r"indices out of range .* \[2, 5\]"):
+        _load_bytes(tmp_path, data)
