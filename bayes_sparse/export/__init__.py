@@ -1,6 +1,9 @@
-"""Export of thresholded models: dense twins and compressed files."""
+"""Export of thresholded models: dense twins, sparse inference kernels, compressed files, ONNX."""
 
 from .dense import to_dense
 from .fileformat import CorruptFileError, FileReport, load, load_state_dict, save
+from .kernels import KERNELS, SparseKernel, compile, kernel_report
+from .onnx import to_onnx
 
-__all__ = ["CorruptFileError", "FileReport", "load", "load_state_dict", "save", "to_dense"]
+__all__ = ["KERNELS", "CorruptFileError", "FileReport", "SparseKernel", "compile", "kernel_report", "load",
+           "load_state_dict", "save", "to_dense", "to_onnx"]

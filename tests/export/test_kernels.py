@@ -1,0 +1,56 @@
+"""Sparse inference kernels against the dense masked model, on every layer type."""
+
+import pytest
+import torch
+from torch import nn
+
+import bayes_sparse as bs
+from bayes_sparse.export import KERNELS, kernel_report
+from tests.cases import CASE_IDS, LAYER_CASES
+
+
+def _pruned(layer, density=0.1):
+    with torch.no_grad():
+        layer.weight.mul_((torch.rand_like(layer.weight) < density).float())
+    return layer
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=CASE_IDS)
+def test_every_kernel_matches_dense_on_every_layer_type(case, kernel):
+    _, dense_cls, _, kwargs, shape = case
+    torch.manual_seed(0)
+    layer = _pruned(dense_cls(**kwargs)).eval()
+    x = torch.randn(shape)
+    fast = bs.export.compile(nn.Sequential(layer), kernel=kernel)
+    torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in fast.parameters())
+
+
+def test_compile_from_a_thresholded_sparse_model_and_auto():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Unflatten(1, (1, 10, 10)), bs.VDConv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                        bs.VDLinear(800, 64), nn.ReLU(), bs.VDLinear(64, 10))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, bs.SparseLayer):
+                m.log_sigma2.uniform_(-12, 6)
+    bs.threshold_(net)
+    x = torch.rand(4, 100)
+    with pytest.raises(ValueError, match="needs example_input"):
+        bs.export.compile(net, kernel="auto")
+    fast = bs.export.compile(net, kernel="auto", batch_size=4, threads=1, example_input=x)
+    torch.testing.assert_close(fast(x), net.eval()(x), rtol=1e-5, atol=1e-5)
+    rep = kernel_report(fast)
+    assert [r["type"] for r in rep] == ["Conv2d", "Linear", "Linear"]
+    for r in rep:  # auto keeps the fastest of what it timed, dense always among the candidates
+        assert "dense" in r["timings"] and r["kernel"] == min(r["timings"], key=r["timings"].get)
+
+
+def test_compile_errors():
+    with pytest.raises(ValueError, match="unknown kernel 'coo'; known: auto, dense, csr, bsr, fast_csr"):
+        bs.export.compile(nn.Linear(2, 2), kernel="coo")
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        bs.export.compile(nn.Linear(2, 2), batch_size=0)
+    with pytest.raises(RuntimeError, match="call bayes_sparse.threshold_"):
+        bs.export.compile(nn.Sequential(bs.VDLinear(2, 2)))
