@@ -149,7 +149,8 @@ def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32
         values: ``"float32"`` (lossless), ``"float16"``, ``"bfloat16"``, an int 1-8 (k-means codebook of
             ``2**bits - 1`` values plus an exact zero), or ``"auto"``: per layer, the fewest bits whose RMS
             error is below ``tolerance`` x the RMS posterior standard deviation of its kept weights (Sparse VD
-            layers only; others get 8 bits).
+            layers only; others get 8 bits). In every lossy mode the other float tensors (biases, norms) are
+            stored in half precision (bfloat16 for ``"bfloat16"``, else float16).
         tolerance: See ``values="auto"``.
 
     Returns:
@@ -186,8 +187,12 @@ def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32
     for key, t in dense.state_dict().items():
         t = t.detach().cpu().contiguous()
         if key not in weight_names:
+            entry = {"kind": "plain"}
+            if values != "float32" and t.dtype == torch.float32:  # lossy modes store the rest in half precision
+                entry["dtype"] = "float32"
+                t = t.to(VALUE_DTYPES.get(values, torch.float16))
             tensors[key] = t
-            entries[key] = {"kind": "plain"}
+            entries[key] = entry
             report[key] = {"bytes": t.numel() * t.element_size(), "encoding": f"plain {str(t.dtype)[6:]}"}
             continue
         flat = t.reshape(-1)
@@ -355,7 +360,10 @@ def _load(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         if e.get("kind") == "plain":
             if key not in tensors:
                 raise CorruptFileError(f"{path}: tensor {key!r} is missing")
-            out[key] = tensors[key].clone()
+            target = e.get("dtype")
+            if target is not None and target != "float32":
+                raise CorruptFileError(f"{path}: unsupported dtype {target!r} for {key!r}")
+            out[key] = tensors[key].to(torch.float32) if target else tensors[key].clone()
         elif e.get("kind") == "sparse":
             out[key] = _decode(key, e, tensors)
         else:
