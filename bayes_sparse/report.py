@@ -15,13 +15,9 @@ from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer
 __all__ = ["LayerStats", "SparsityReport", "report"]
 
 
-@dataclass(frozen=True)
-class LayerStats:
-    """One row of a :class:`SparsityReport`."""
+class _Ratios:
+    """Density and compression from ``weights`` and ``nonzero``."""
 
-    name: str
-    type: str
-    shape: tuple[int, ...]
     weights: int
     nonzero: int
 
@@ -32,6 +28,17 @@ class LayerStats:
     @property
     def compression(self) -> float:
         return self.weights / self.nonzero if self.nonzero else float("inf")
+
+
+@dataclass(frozen=True)
+class LayerStats(_Ratios):
+    """One row of a :class:`SparsityReport`."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    weights: int
+    nonzero: int
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -46,7 +53,7 @@ def _json_float(x: float) -> float | None:
 
 
 @dataclass(frozen=True)
-class SparsityReport:
+class SparsityReport(_Ratios):
     """Per-layer table and totals. ``print(report)`` shows a table; :meth:`to_dict`/:meth:`to_json` serialize.
 
     Compression is total weights / non-zero weights over the Linear and Conv layers (biases excluded), the
@@ -63,14 +70,6 @@ class SparsityReport:
     @property
     def nonzero(self) -> int:
         return sum(r.nonzero for r in self.layers)
-
-    @property
-    def density(self) -> float:
-        return self.nonzero / self.weights if self.weights else 0.0
-
-    @property
-    def compression(self) -> float:
-        return self.weights / self.nonzero if self.nonzero else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -30,18 +30,22 @@ def test_gradcheck_log_alpha_and_kl():
     assert torch.autograd.gradcheck(BF.kl_log_uniform, (la,))
 
 
+def _layer_inputs(nd, g, kernel, **geometry):
+    """(x, theta, op) for a linear layer (nd=0) or an nd-dimensional convolution."""
+    if nd == 0:
+        return torch.randn(5, 6, generator=g, dtype=D), torch.randn(3, 6, generator=g, dtype=D), F.linear
+    x = torch.randn(2, 2, *([5] * nd), generator=g, dtype=D)
+    theta = torch.randn(3, 2, *([kernel] * nd), generator=g, dtype=D)
+    return x, theta, functools.partial(BF.conv_nd, **geometry)
+
+
 @pytest.mark.parametrize("nd", [0, 1, 2, 3], ids=["linear", "conv1d", "conv2d", "conv3d"])
 def test_gradcheck_local_reparam(nd):
     g = torch.Generator().manual_seed(1)
-    if nd == 0:
-        x, theta, op = torch.randn(3, 4, generator=g, dtype=D), torch.randn(2, 4, generator=g, dtype=D), F.linear
-    else:
-        x = torch.randn(2, 2, *([5] * nd), generator=g, dtype=D)
-        theta = torch.randn(3, 2, *([2] * nd), generator=g, dtype=D)
-        op = functools.partial(BF.conv_nd, stride=1, padding=1)
+    x, theta, op = _layer_inputs(nd, g, 2, stride=1, padding=1)
     la = torch.empty_like(theta).uniform_(-3, 1, generator=g)
     bias = torch.randn(theta.shape[0], generator=g, dtype=D)
-    eps = torch.randn_like(op(x, theta, None))
+    eps = torch.randn(op(x, theta, None).shape, generator=g, dtype=D)
     args = tuple(t.requires_grad_() for t in (x, theta, la, bias))
     assert torch.autograd.gradcheck(lambda x, t, a, b: BF.local_reparam(x, t, a, b, op, eps=eps), args)
 
@@ -78,12 +82,7 @@ def _weight_sampled_moments(x, theta, la, bias, op, samples):
 @pytest.mark.parametrize("nd", [0, 1, 2, 3], ids=["linear", "conv1d", "conv2d", "conv3d"])
 def test_local_reparam_moments_match_weight_sampling(nd):
     g = torch.Generator().manual_seed(2)
-    if nd == 0:
-        x, theta, op = torch.randn(5, 6, generator=g, dtype=D), torch.randn(3, 6, generator=g, dtype=D), F.linear
-    else:
-        x = torch.randn(2, 2, *([5] * nd), generator=g, dtype=D)
-        theta = torch.randn(3, 2, *([3] * nd), generator=g, dtype=D)
-        op = functools.partial(BF.conv_nd, stride=2, padding=1, dilation=1)
+    x, theta, op = _layer_inputs(nd, g, 3, stride=2, padding=1, dilation=1)
     la = torch.empty_like(theta).uniform_(-2, 1, generator=g)
     bias = torch.randn(3, generator=g, dtype=D)
     S = 40_000
