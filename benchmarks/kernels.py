@@ -109,8 +109,9 @@ def main() -> None:
                         and r["batch"] == batch and r["mask"] == source), key=lambda r: r["speedup"])
             print(f"{kind} {shape} d={density:.3f} ({source}) batch {batch}: best {best['kernel']} "
                   f"{best['speedup']:.1f}x (threads {best['threads']})", flush=True)
+    models = model_level(args.min_run_time)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"rows": rows, "seconds": time.time() - started, "torch": torch.__version__,
+    out = {"rows": rows, "models": models, "seconds": time.time() - started, "torch": torch.__version__,
            "machine": platform.machine(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
            "command": "python benchmarks/kernels.py" + (" --quick" if args.quick else "")}
     (RESULTS / "kernels.json").write_text(json.dumps(out, indent=2))
@@ -121,6 +122,39 @@ def main() -> None:
         print(f"4096x4096, 99% sparse, batch 1, 1 thread: {r['kernel']:10s} {r['speedup']:6.1f}x "
               f"({1e6 * r['kernel_s']:.0f} us vs dense {1e6 * r['dense_s']:.0f} us)")
     print(f"wrote {RESULTS / 'kernels.json'}")
+
+
+def model_level(min_run_time: float) -> list[dict]:
+    """The trained LeNet-300-100 Sparse VD model, compiled with kernel="auto", vs its dense export."""
+    path = RESULTS / "lenet300_vd_model.safetensors"
+    if not path.exists():
+        return []
+    import sys
+
+    from safetensors.torch import load_file
+
+    import bayes_sparse as bs
+    sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+    from lenet300_mnist import lenet300
+    net = lenet300()
+    net.load_state_dict(load_file(str(path)))
+    dense = bs.to_dense(net).eval()
+    out = []
+    for batch in (1, 64):
+        for threads in (1, 2):
+            x = torch.rand(batch, 784)
+            fast = bs.export.compile(net, kernel="auto", batch_size=batch, threads=threads)
+            with torch.no_grad():
+                err = float((fast(x) - dense(x)).abs().max())
+                t_dense = timeit(lambda: dense(x), threads, min_run_time)
+                t_fast = timeit(lambda: fast(x), threads, min_run_time)
+            row = {"model": "LeNet-300-100 Sparse VD", "batch": batch, "threads": threads, "dense_s": t_dense,
+                   "compiled_s": t_fast, "speedup": t_dense / t_fast, "max_abs_error": err,
+                   "kernels": [r["kernel"] for r in bs.export.kernel_report(fast)]}
+            out.append(row)
+            print(f"model LeNet-300-100 VD batch {batch} threads {threads}: compiled {row['speedup']:.2f}x "
+                  f"faster than dense, kernels {row['kernels']}", flush=True)
+    return out
 
 
 def _plot(rows: list[dict]) -> None:
