@@ -83,12 +83,19 @@ def kmeans_codebook(values: np.ndarray, k: int, iters: int = 30) -> tuple[np.nda
         return np.zeros(0, np.float32), np.zeros(0, np.int64)
     centers = np.linspace(v.min(), v.max(), num=min(k, max(1, np.unique(v).size)))
     for _ in range(iters):
-        codes = np.abs(v[:, None] - centers[None, :]).argmin(1)
+        codes = _nearest(v, centers)
         sums = np.bincount(codes, weights=v, minlength=centers.size)
         counts = np.bincount(codes, minlength=centers.size)
-        new = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
+        new = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), centers))
         if np.allclose(new, centers):
             break
         centers = new
-    codes = np.abs(v[:, None] - centers[None, :]).argmin(1)
-    return centers.astype(np.float32), codes
+    return centers.astype(np.float32), _nearest(v, centers.astype(np.float32).astype(np.float64))
+
+
+def _nearest(v: np.ndarray, sorted_centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the sorted centers, in O(n log k) time and O(n) memory."""
+    if sorted_centers.size == 1:
+        return np.zeros(v.size, np.int64)
+    mids = (sorted_centers[1:] + sorted_centers[:-1]) / 2
+    return np.searchsorted(mids, v).astype(np.int64)

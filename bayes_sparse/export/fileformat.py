@@ -37,7 +37,10 @@ __all__ = ["CorruptFileError", "FileReport", "load", "load_state_dict", "save"]
 MAGIC = "bayes_sparse"
 VERSION = 1
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_MAX_NUMEL = 1 << 31
+_WEIGHT_DTYPES = {**VALUE_DTYPES, "float64": torch.float64}
+#: Default cap on the elements a file may decode to (1 GiB of float32): a tiny crafted file must not be
+#: able to demand gigabytes. Pass ``max_numel`` to load bigger models.
+DEFAULT_MAX_NUMEL = 1 << 28
 
 PathLike = Union[str, os.PathLike]
 
@@ -55,7 +58,8 @@ def _jsonable(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
-_POOL = ("kernel_size", "stride", "padding")
+_MAXPOOL = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
+_AVGPOOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 _SPECS: dict[type, Any] = {
     nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
     **{c: (lambda m: {"in_channels": m.in_channels, "out_channels": m.out_channels,
@@ -67,7 +71,7 @@ _SPECS: dict[type, Any] = {
     nn.GELU: _attrs("approximate"), nn.Identity: _attrs(), nn.Dropout: _attrs("p"),
     nn.Flatten: _attrs("start_dim", "end_dim"), nn.Unflatten: _attrs("dim", "unflattened_size"),
     nn.Softmax: _attrs("dim"), nn.LogSoftmax: _attrs("dim"),
-    nn.MaxPool1d: _attrs(*_POOL), nn.MaxPool2d: _attrs(*_POOL), nn.AvgPool2d: _attrs(*_POOL),
+    nn.MaxPool1d: _attrs(*_MAXPOOL), nn.MaxPool2d: _attrs(*_MAXPOOL), nn.AvgPool2d: _attrs(*_AVGPOOL),
     nn.AdaptiveAvgPool2d: _attrs("output_size"),
     **{c: _attrs("num_features", "eps", "momentum", "affine", "track_running_stats")
        for c in (nn.BatchNorm1d, nn.BatchNorm2d)},
@@ -86,23 +90,26 @@ def _tree(module: nn.Module) -> Optional[dict]:
     return {"type": type(module).__name__, "kwargs": spec(module)}
 
 
-def _build(node: Any) -> nn.Module:
-    if not isinstance(node, dict) or not isinstance(node.get("type"), str):
+def _build(node: Any, depth: int = 0) -> nn.Module:
+    """Rebuild the module tree (on the meta device: no memory until the weights are assigned)."""
+    if depth > 64 or not isinstance(node, dict) or not isinstance(node.get("type"), str):
         raise CorruptFileError(f"malformed module entry in the header: {str(node)[:80]}")
     if node["type"] == "Sequential":
-        return nn.Sequential(*[_build(c) for c in node.get("children", [])])
+        children = node.get("children", [])
+        if not isinstance(children, list):
+            raise CorruptFileError("malformed Sequential entry in the header: children is not a list")
+        return nn.Sequential(*[_build(c, depth + 1) for c in children])
     cls = _BY_NAME.get(node["type"])
     if cls is None:
         raise CorruptFileError(f"unknown module type {node['type']!r} in the header")
     kwargs = node.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise CorruptFileError(f"malformed arguments for {node['type']}")
-    kwargs = {k: tuple(v) if isinstance(v, list) and k != "unflattened_size" else v for k, v in kwargs.items()}
-    if "unflattened_size" in kwargs:
-        kwargs["unflattened_size"] = tuple(kwargs["unflattened_size"])
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError, RuntimeError) as e:
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        with torch.device("meta"):
+            return cls(**kwargs)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise CorruptFileError(f"cannot build {node['type']} from the header's arguments {kwargs}: {e}") from e
 
 
@@ -120,7 +127,7 @@ class FileReport:
 
 
 def _crc(t: Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else 0
 
 
 def _posterior_std(layer: SparseLayer) -> Optional[Tensor]:
@@ -197,7 +204,7 @@ def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32
             continue
         flat = t.reshape(-1)
         positions = torch.nonzero(flat).reshape(-1).numpy()
-        nz = flat[positions].numpy() if positions.size else np.zeros(0, np.float32)
+        nz = flat[positions].float().numpy() if positions.size else np.zeros(0, np.float32)
         if values in VALUE_DTYPES:
             bits_v = torch.finfo(VALUE_DTYPES[values]).bits
         else:
@@ -267,7 +274,7 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         meta = json.loads(raw[8:8 + n].decode("utf-8")).get("__metadata__") or {}
         tensors = st_load(raw)
     except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, ValueError, RuntimeError,
-            OverflowError) as e:
+            OverflowError, RecursionError) as e:
         raise CorruptFileError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != MAGIC:
         raise CorruptFileError(f"{path} is a safetensors file but not a bayes_sparse model file (format "
@@ -281,12 +288,12 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise CorruptFileError(f"{path}: the header checksum does not match (the file is damaged)")
     try:
         header = json.loads(header_json)
-    except json.JSONDecodeError as e:  # pragma: no cover - guarded by the checksum
-        raise CorruptFileError(f"{path}: the header is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CorruptFileError(f"{path}: the header is not valid JSON: {type(e).__name__}") from e
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
         raise CorruptFileError(f"{path}: the header has no tensor table")
     crcs = header.get("crc32", {})
-    if set(crcs) != set(tensors):
+    if not isinstance(crcs, dict) or set(crcs) != set(tensors):
         raise CorruptFileError(f"{path}: the stored tensors {sorted(tensors)[:5]} do not match the header's")
     for k, t in tensors.items():
         if _crc(t) != crcs[k]:
@@ -294,13 +301,19 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return header, tensors
 
 
-def _decode(key: str, e: dict, tensors: dict[str, Tensor]) -> Tensor:
+def _decode(key: str, e: dict, tensors: dict[str, Tensor], budget: list[int]) -> Tensor:
     try:
         shape = [int(s) for s in e["shape"]]
-        dtype = getattr(torch, e["dtype"])
+        if e["dtype"] not in _WEIGHT_DTYPES:
+            raise CorruptFileError(f"tensor {key!r} has dtype {e['dtype']!r}; weights are one of {sorted(_WEIGHT_DTYPES)}")
+        dtype = _WEIGHT_DTYPES[e["dtype"]]
         numel = math.prod(shape)
-        if any(s < 0 for s in shape) or numel > _MAX_NUMEL:
+        if any(s < 0 for s in shape):
             raise CorruptFileError(f"tensor {key!r} declares an impossible shape {shape}")
+        budget[0] -= numel
+        if budget[0] < 0:
+            raise CorruptFileError(f"tensor {key!r} (shape {shape}) takes the file beyond max_numel elements; "
+                                   "pass a larger max_numel to load(...) if the model really is that big")
         nnz, kind, bits_i = int(e["nnz"]), e["index"], int(e["index_bits"])
         index = tensors[f"{key}::index"].numpy()
         if kind == "bitmask":
@@ -321,8 +334,11 @@ def _decode(key: str, e: dict, tensors: dict[str, Tensor]) -> Tensor:
             raise CorruptFileError(f"tensor {key!r}: indices out of range or out of order (shape {shape})")
         if e["values"] == "codebook":
             book = tensors[f"{key}::codebook"].numpy()
-            vcodes = _bits.unpack(tensors[f"{key}::values"].numpy(), int(e["value_bits"]), count)
-            if vcodes.size and vcodes.max() >= book.size:
+            value_bits = int(e["value_bits"])
+            if not 1 <= value_bits <= 8:
+                raise CorruptFileError(f"tensor {key!r}: value_bits {value_bits} is outside [1, 8]")
+            vcodes = _bits.unpack(tensors[f"{key}::values"].numpy(), value_bits, count)
+            if vcodes.size and (vcodes.max() >= book.size or vcodes.min() < 0):
                 raise CorruptFileError(f"tensor {key!r}: a value code is beyond its codebook")
             vals = torch.from_numpy(book[vcodes])
         elif e["values"] in VALUE_DTYPES:
@@ -338,21 +354,27 @@ def _decode(key: str, e: dict, tensors: dict[str, Tensor]) -> Tensor:
         return out.to(dtype).reshape(shape)
     except CorruptFileError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as err:
         raise CorruptFileError(f"tensor {key!r} cannot be decoded: {type(err).__name__}: {err}") from err
 
 
-def load_state_dict(path: PathLike) -> dict[str, Tensor]:
+def load_state_dict(path: PathLike, max_numel: int = DEFAULT_MAX_NUMEL) -> dict[str, Tensor]:
     """Read a file written by :func:`save` into a ``state_dict`` for the unmodified (dense) architecture.
 
+    Args:
+        path: The file.
+        max_numel: Most elements the sparse tensors may decode to, together (a guard against crafted files).
+
     Raises:
-        CorruptFileError: the file is missing, truncated, damaged, from another tool or another version.
+        CorruptFileError: the file is missing, truncated, damaged, from another tool or another version, or
+            asks for more than ``max_numel`` elements.
     """
-    return _load(path)[1]
+    return _load(path, max_numel)[1]
 
 
-def _load(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _load(path: PathLike, max_numel: int = DEFAULT_MAX_NUMEL) -> tuple[dict[str, Any], dict[str, Tensor]]:
     header, tensors = _read(path)
+    budget = [int(max_numel)]
     out: dict[str, Tensor] = {}
     for key, e in header["tensors"].items():
         if not isinstance(e, dict):
@@ -365,19 +387,20 @@ def _load(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
                 raise CorruptFileError(f"{path}: unsupported dtype {target!r} for {key!r}")
             out[key] = tensors[key].to(torch.float32) if target else tensors[key].clone()
         elif e.get("kind") == "sparse":
-            out[key] = _decode(key, e, tensors)
+            out[key] = _decode(key, e, tensors, budget)
         else:
             raise CorruptFileError(f"{path}: unknown entry kind {e.get('kind')!r} for {key!r}")
     return header, out
 
 
-def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
+def load(path: PathLike, model: Optional[nn.Module] = None, max_numel: int = DEFAULT_MAX_NUMEL) -> nn.Module:
     """Read a file written by :func:`save` into a model in eval mode, without running any stored code.
 
     Args:
         path: The file.
         model: The unmodified architecture to load into; optional when the file records its module tree
             (models made only of standard torch modules in ``nn.Sequential``).
+        max_numel: See :func:`load_state_dict`.
 
     Returns:
         The model with the stored weights (use :func:`bayes_sparse.export.compile` for sparse kernels).
@@ -386,14 +409,17 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
         CorruptFileError: a bad file (see :func:`load_state_dict`).
         ValueError: the file does not record its module tree and no ``model`` was given.
     """
-    header, state = _load(path)
+    header, state = _load(path, max_numel)
+    assign = model is None
     if model is None:
         if header.get("tree") is None:
             raise ValueError(f"{path} does not record its module tree (the model was not an nn.Sequential of "
                              "standard modules); pass the architecture: load(path, model=MyNet())")
-        model = _build(header["tree"])
+        model = _build(header["tree"])  # on the meta device: the loaded tensors are assigned below
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=assign)
     except RuntimeError as e:
         raise CorruptFileError(f"{path} does not fit the architecture: {e}") from e
+    if assign and any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise CorruptFileError(f"{path}: the stored tensors do not cover the recorded module tree")
     return model.eval()

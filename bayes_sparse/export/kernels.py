@@ -114,6 +114,8 @@ class SparseKernel(nn.Module):
             self.mm = _Matmul(w, layer.bias, kind)
 
     def _conv(self, x: Tensor) -> Tensor:
+        if x.dim() == self.nd + 1:  # unbatched input, as torch's convolutions accept
+            return self._conv(x.unsqueeze(0)).squeeze(0)
         if self.nd == 1:  # treat as 2-d with a height of one
             x = x.unsqueeze(2)
             k, s, p, d = (1, *self.kernel_size), (1, *self.stride), (0, *self.padding), (1, *self.dilation)
@@ -134,7 +136,7 @@ class SparseKernel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.conv:
             shape = x.shape
-            return self.mm(x.reshape(-1, shape[-1])).reshape(*shape[:-1], -1)
+            return self.mm(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.mm.out_features)
         if self.kind == "dense":
             return self.layer(x)
         return self._conv(x)
@@ -184,7 +186,7 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     dense = to_dense(model) if any(isinstance(m, SparseLayer) for m in model.modules()) else copy.deepcopy(model)
     dense.eval()
-    layers = [(n, m) for n, m in dense.named_modules() if isinstance(m, SUPPORTED_DENSE_TYPES)]
+    layers = [(n, m) for n, m in dense.named_modules(remove_duplicate=False) if isinstance(m, SUPPORTED_DENSE_TYPES)]
     inputs: dict[str, Tensor] = {}
     if kernel == "auto":
         if example_input is None:
@@ -192,20 +194,27 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
                 raise ValueError("kernel='auto' needs example_input=<one input batch> to time convolutions")
         else:
             hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
-                     for n, m in layers]
+                     for n, m in dict(layers).items()]
             dense(example_input)
             for h in hooks:
                 h.remove()
+    built: dict[int, SparseKernel] = {}  # a layer used at several places gets one kernel
     for name, layer in layers:
+        if id(layer) in built:
+            dense = replace_module_(dense, name, built[id(layer)])
+            continue
         if kernel != "auto":
-            kind = kernel if _supported(layer, kernel) else "dense"
-            replace_module_(dense, name, SparseKernel(layer, kind))
+            built[id(layer)] = SparseKernel(layer, kernel if _supported(layer, kernel) else "dense")
+            dense = replace_module_(dense, name, built[id(layer)])
             continue
         if name in inputs:
-            seen = inputs[name]
-            x = torch.randn(batch_size, *seen.shape[1:], dtype=torch.float32)
-        else:
+            x = torch.randn(batch_size, *inputs[name].shape[1:], dtype=torch.float32)
+        elif isinstance(layer, nn.Linear):
             x = torch.randn(batch_size, layer.in_features)
+        else:  # a convolution the example forward did not reach: nothing to time it on
+            built[id(layer)] = SparseKernel(layer, "dense")
+            dense = replace_module_(dense, name, built[id(layer)])
+            continue
         timings = {}
         best, best_t = None, float("inf")
         for kind in KERNELS:
@@ -216,7 +225,8 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
             if timings[kind] < best_t:
                 best, best_t = cand, timings[kind]
         best.timings = timings
-        replace_module_(dense, name, best)
+        built[id(layer)] = best
+        dense = replace_module_(dense, name, best)
         logger.info("compile: %s -> %s (%s)", name, best.kind, timings)
     return dense
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Union
 
@@ -28,8 +29,8 @@ def to_onnx(model: nn.Module, example_input: Tensor, path: Union[str, os.PathLik
         ImportError: the ``onnx``/``onnxscript`` packages are missing (``pip install bayes_sparse[onnx]``).
     """
     check_module(model)
-    dense = to_dense(model) if any(isinstance(m, SparseLayer) for m in model.modules()) else model
-    dense = dense.eval()
+    dense = to_dense(model) if any(isinstance(m, SparseLayer) for m in model.modules()) else copy.deepcopy(model)
+    dense = dense.eval()  # a copy: the caller's model keeps its mode
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401

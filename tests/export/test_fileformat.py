@@ -190,3 +190,81 @@ def test_out_of_range_indices_are_caught_even_with_valid_checksums(tmp_path):
     data = _rewrite_metadata(data, header=text, header_crc32=str(zlib.crc32(text.encode())))
     with pytest.raises(CorruptFileError, match=r"indices out of range .* \[2, 5\]"):
         _load_bytes(tmp_path, data)
+
+
+def _craft(tmp_path, mutate, values="float32", model=None):
+    """Save a small model, let ``mutate`` edit the inner header, fix the checksum, return the bytes."""
+    import zlib
+    model = model or nn.Sequential(nn.Linear(4, 2))
+    path = tmp_path / "c.safetensors"
+    bs.export.save(model, path, values=values)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    inner = json.loads(json.loads(data[8:8 + n])["__metadata__"]["header"])
+    mutate(inner)
+    text = json.dumps(inner, separators=(",", ":"), sort_keys=True)
+    return _rewrite_metadata(data, header=text, header_crc32=str(zlib.crc32(text.encode())))
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda h: h.__setitem__("crc32", ["a"]), "do not match the header"),
+    (lambda h: h.__setitem__("tree", {"type": "Sequential", "children": 5}), "children is not a list"),
+    (lambda h: h.__setitem__("tree", {"type": "Unflatten", "kwargs": {"dim": 1, "unflattened_size": 5}}),
+     "cannot build Unflatten"),
+    (lambda h: h.__setitem__("tree", {"type": "Os", "kwargs": {}}), "unknown module type 'Os'"),
+    (lambda h: h["tensors"]["0.weight"].__setitem__("shape", [2 ** 31]), "beyond max_numel"),
+    (lambda h: h["tensors"]["0.weight"].__setitem__("dtype", "int8"), "has dtype 'int8'"),
+    (lambda h: h["tensors"]["0.weight"].__setitem__("dtype", "__class__"), "has dtype '__class__'"),
+    (lambda h: h["tensors"]["0.weight"].__setitem__("value_bits", 64), r"value_bits 64 is outside \[1, 8\]"),
+    (lambda h: h["tensors"]["0.weight"].__setitem__("index", "rle"), "unknown index encoding"),
+    (lambda h: h["tensors"]["0.weight"].__setitem__("entries", 10 ** 9), "cannot be decoded"),
+], ids=["crc-list", "children", "unflatten", "type", "huge", "int8", "dunder", "value-bits", "index", "entries"])
+def test_crafted_headers_with_valid_checksums(tmp_path, mutate, msg):
+    values = 4 if "value_bits" in msg else "float32"
+    lin = nn.Linear(40, 2)
+    with torch.no_grad():
+        lin.weight.mul_((torch.rand_like(lin.weight) < 0.05).float())  # sparse: relative indices
+    data = _craft(tmp_path, mutate, values=values, model=nn.Sequential(lin))
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(data)
+    with pytest.raises(CorruptFileError, match=msg):
+        bs.export.load(p)
+
+
+def test_deeply_nested_header_json(tmp_path):
+    import zlib
+    path = tmp_path / "c.safetensors"
+    bs.export.save(nn.Sequential(nn.Linear(4, 2)), path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    inner = json.loads(data[8:8 + n])["__metadata__"]["header"]
+    text = inner[:-1] + ',"deep":' + "[" * 5000 + "]" * 5000 + "}"  # too deep for Python's json
+    data = _rewrite_metadata(data, header=text, header_crc32=str(zlib.crc32(text.encode())))
+    with pytest.raises(CorruptFileError, match="not valid JSON: RecursionError"):
+        _load_bytes(tmp_path, data)
+
+
+def test_every_recorded_module_round_trips_with_non_default_arguments(tmp_path):
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), bias=False, padding_mode="reflect"),
+        nn.BatchNorm2d(4, eps=1e-3, momentum=0.2), nn.ReLU6(), nn.MaxPool2d(2, stride=1, padding=1, dilation=2,
+                                                                            ceil_mode=True),
+        nn.AvgPool2d(3, stride=1, padding=1, ceil_mode=True, count_include_pad=False, divisor_override=None),
+        nn.AdaptiveAvgPool2d((3, 2)), nn.Dropout(0.3), nn.GELU(approximate="tanh"), nn.Flatten(1, -1),
+        nn.Unflatten(1, (4, 6)), nn.Conv1d(4, 3, 2), nn.Tanh(), nn.MaxPool1d(2, ceil_mode=True), nn.Flatten(),
+        nn.Linear(9, 5), nn.Sigmoid(), nn.Identity(), nn.LogSoftmax(dim=1))
+    net.eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(3, 2, 9, 8)
+    bs.export.save(net, tmp_path / "all.safetensors")
+    back = bs.export.load(tmp_path / "all.safetensors")
+    assert [repr(m) for m in back.modules()] == [repr(m) for m in net.modules()]
+    assert torch.equal(back(x), net(x))
+
+
+def test_bfloat16_models_save(tmp_path):
+    net = nn.Sequential(nn.Linear(8, 3)).to(torch.bfloat16)
+    bs.export.save(net, tmp_path / "b.safetensors")
+    back = bs.export.load(tmp_path / "b.safetensors")
+    assert back[0].weight.dtype == torch.bfloat16 and torch.equal(back[0].weight, net[0].weight)

@@ -54,3 +54,33 @@ def test_compile_errors():
         bs.export.compile(nn.Linear(2, 2), batch_size=0)
     with pytest.raises(RuntimeError, match="call bayes_sparse.threshold_"):
         bs.export.compile(nn.Sequential(bs.VDLinear(2, 2)))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_edge_inputs_bare_layers_shared_layers(kernel):
+    torch.manual_seed(0)
+    lin = _pruned(nn.Linear(16, 8)).eval()
+    fast = bs.export.compile(lin, kernel=kernel)  # a bare layer is compiled too
+    assert isinstance(fast, bs.export.SparseKernel)
+    assert fast(torch.randn(0, 16)).shape == (0, 8)  # empty batch
+    conv = _pruned(nn.Conv2d(3, 4, 3, padding=1)).eval()
+    x = torch.randn(3, 6, 6)  # unbatched, as torch accepts
+    torch.testing.assert_close(bs.export.compile(conv, kernel=kernel)(x), conv(x), rtol=1e-5, atol=1e-5)
+    shared = nn.Sequential(lin, nn.ReLU(), nn.Linear(8, 16), lin)
+    c = bs.export.compile(shared, kernel=kernel)
+    assert isinstance(c[3], bs.export.SparseKernel) and c[0] is c[3]
+    xs = torch.randn(2, 16)
+    torch.testing.assert_close(c(xs), shared.eval()(xs), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_keeps_unreached_convs_dense():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 2, 3), nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return self.a(x)
+
+    fast = bs.export.compile(Branchy(), kernel="auto", example_input=torch.randn(1, 1, 8, 8))
+    assert fast.b.kind == "dense" and fast.b.timings == {}

@@ -22,3 +22,9 @@ def test_onnx_export_matches_in_onnxruntime(tmp_path):
     x = torch.rand(5, 64)  # another batch size than exported with
     (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), net.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_export_leaves_the_callers_model_in_its_mode(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.5)).train()
+    bs.export.to_onnx(net, torch.rand(2, 4), tmp_path / "m.onnx")
+    assert net.training
