@@ -9,8 +9,8 @@ during the second half, inside the same epoch budget.
     python benchmarks/mnist_methods.py --net lenet300 --method l0 --epochs 30
     python benchmarks/mnist_methods.py --net lenet5 --method vd --epochs 10
 
-Writes ``benchmarks/results/<net>_<method>.json`` (test error, per-layer sparsity, compression, epochs,
-seconds, hyperparameters, the curve) unless ``--out`` says otherwise.
+Writes ``benchmarks/results/<net>_<method>_<epochs>epochs.json`` (test error, per-layer sparsity,
+compression, epochs, seconds, hyperparameters, the curve) unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
         "command": "python " + " ".join(sys.argv),
     }
-    out = args.out or RESULTS / f"{args.net}_{args.method}.json"
+    out = args.out or RESULTS / f"{args.net}_{args.method}_{args.epochs}epochs.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
