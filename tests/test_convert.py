@@ -136,6 +136,8 @@ def test_torchvision_networks(name, kw, method):
     fresh = getattr(torchvision.models, name)(num_classes=10)
     fresh.load_state_dict(back.state_dict())
     torch.testing.assert_close(fresh.eval()(x), sp.eval()(x), rtol=1e-5, atol=1e-5)
+    compiled = bs.export.compile(sp, kernel="csr")  # the sparse-kernel model, BatchNorm and residuals included
+    torch.testing.assert_close(compiled(x), sp.eval()(x), rtol=1e-4, atol=1e-4)
 
 
 def _small():

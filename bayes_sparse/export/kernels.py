@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import benchmark
 
-from .._validation import check_module
+from .._validation import check_module, check_number
 from ..layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_module_
 from . import _csrkernel
 from .dense import to_dense
@@ -152,7 +152,7 @@ def _time(module: nn.Module, x: Tensor, threads: int) -> float:
 
 @torch.no_grad()
 def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads: int = 1,
-            example_input: Optional[Tensor] = None) -> nn.Module:
+            example_input: Optional[Tensor] = None, max_density: float = 0.5) -> nn.Module:
     """An inference-only copy of ``model`` whose Linear/Conv layers run on sparse kernels.
 
     Args:
@@ -164,6 +164,8 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
         threads: Thread count to time at (``"auto"``); the compiled model does not change torch's setting.
         example_input: One input batch; needed by ``"auto"`` when the model has convolutions (to know
             their spatial size). Its batch dimension is replaced by ``batch_size``.
+        max_density: Layers denser than this stay on the dense kernel whatever ``kernel`` says (sparse
+            formats cannot win there, and converting, say, an unpruned 100M-weight layer costs minutes).
 
     Returns:
         The compiled model in eval mode; :func:`kernel_report` lists each layer's kernel and timings.
@@ -179,6 +181,7 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
         True
     """
     check_module(model)
+    max_density = check_number(max_density, "max_density", low=0.0, high=1.0)
     if kernel not in KERNELS + ("auto",):
         raise ValueError(f"unknown kernel {kernel!r}; known: auto, {', '.join(KERNELS)}")
     for name, v in (("batch_size", batch_size), ("threads", threads)):
@@ -201,6 +204,10 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
     built: dict[int, SparseKernel] = {}  # a layer used at several places gets one kernel
     for name, layer in layers:
         if id(layer) in built:
+            dense = replace_module_(dense, name, built[id(layer)])
+            continue
+        if float((layer.weight != 0).float().mean()) > max_density:
+            built[id(layer)] = SparseKernel(layer, "dense")
             dense = replace_module_(dense, name, built[id(layer)])
             continue
         if kernel != "auto":

@@ -31,11 +31,7 @@ def test_compile_from_a_thresholded_sparse_model_and_auto():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Unflatten(1, (1, 10, 10)), bs.VDConv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                         bs.VDLinear(800, 64), nn.ReLU(), bs.VDLinear(64, 10))
-    with torch.no_grad():
-        for m in net:
-            if isinstance(m, bs.SparseLayer):
-                m.log_sigma2.uniform_(-12, 6)
-    bs.threshold_(net)
+    bs.threshold_(net, sparsity=0.8)
     x = torch.rand(4, 100)
     with pytest.raises(ValueError, match="needs example_input"):
         bs.export.compile(net, kernel="auto")
@@ -45,6 +41,9 @@ def test_compile_from_a_thresholded_sparse_model_and_auto():
     assert [r["type"] for r in rep] == ["Conv2d", "Linear", "Linear"]
     for r in rep:  # auto keeps the fastest of what it timed, dense always among the candidates
         assert "dense" in r["timings"] and r["kernel"] == min(r["timings"], key=r["timings"].get)
+    # a layer above max_density stays dense without timing
+    dense_net = bs.export.compile(nn.Sequential(nn.Linear(8, 8)), kernel="csr")
+    assert dense_net[0].kind == "dense"
 
 
 def test_compile_errors():
