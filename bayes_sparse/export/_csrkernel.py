@@ -23,10 +23,11 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 
 template <typename Index>
-static void rows(const int64_t* rowptr, const Index* col, const float* val, const float* xt, float* yt,
-                 int64_t batch, int64_t r0, int64_t r1) {
+static void rows(const int64_t* rowptr, const Index* col, const float* val, const float* xt, const float* bias,
+                 float* yt, int64_t batch, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     float* out = yt + r * batch;
+    const float b0 = bias ? bias[r] : 0.f;
     const int64_t s = rowptr[r], e = rowptr[r + 1];
     if (batch == 1) {
       float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
@@ -38,8 +39,9 @@ static void rows(const int64_t* rowptr, const Index* col, const float* val, cons
         acc3 += val[j + 3] * xt[col[j + 3]];
       }
       for (; j < e; ++j) acc0 += val[j] * xt[col[j]];
-      out[0] += (acc0 + acc1) + (acc2 + acc3);
+      out[0] = b0 + ((acc0 + acc1) + (acc2 + acc3));
     } else {
+      for (int64_t b = 0; b < batch; ++b) out[b] = b0;
       for (int64_t j = s; j < e; ++j) {
         const float v = val[j];
         const float* xr = xt + (int64_t)col[j] * batch;
@@ -54,17 +56,17 @@ static void rows(const int64_t* rowptr, const Index* col, const float* val, cons
 torch::Tensor spmm_t(torch::Tensor rowptr, torch::Tensor col, torch::Tensor val, torch::Tensor xt,
                      torch::Tensor bias, int64_t grain) {
   const int64_t out_rows = rowptr.size(0) - 1, batch = xt.size(1);
-  torch::Tensor yt = bias.defined() && bias.numel() ? bias.unsqueeze(1).expand({out_rows, batch}).contiguous()
-                                                    : torch::zeros({out_rows, batch}, xt.options());
+  torch::Tensor yt = torch::empty({out_rows, batch}, xt.options());
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const float* v = val.data_ptr<float>();
   const float* x = xt.data_ptr<float>();
   float* y = yt.data_ptr<float>();
   at::parallel_for(0, out_rows, grain, [&](int64_t r0, int64_t r1) {
     if (col.scalar_type() == torch::kInt16)
-      rows<int16_t>(rp, col.data_ptr<int16_t>(), v, x, y, batch, r0, r1);
+      rows<int16_t>(rp, col.data_ptr<int16_t>(), v, x, bp, y, batch, r0, r1);
     else
-      rows<int32_t>(rp, col.data_ptr<int32_t>(), v, x, y, batch, r0, r1);
+      rows<int32_t>(rp, col.data_ptr<int32_t>(), v, x, bp, y, batch, r0, r1);
   });
   return yt;
 }
@@ -84,7 +86,7 @@ def _load() -> Optional[Any]:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        _MODULE = load_inline(name="bayes_sparse_csr_v1", cpp_sources=_SOURCE, functions=["spmm_t"],
+        _MODULE = load_inline(name="bayes_sparse_csr_v2", cpp_sources=_SOURCE, functions=["spmm_t"],
                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                               verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: the kernel is optional

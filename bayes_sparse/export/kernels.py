@@ -135,6 +135,8 @@ class SparseKernel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.conv:
+            if x.dim() == 2:
+                return self.mm(x)
             shape = x.shape
             return self.mm(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.mm.out_features)
         if self.kind == "dense":
