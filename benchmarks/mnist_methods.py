@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--penalty", type=float, default=None, help="penalty strength (units of 1/N) for l0/ltp/l1")
     p.add_argument("--sparsity", type=float, default=0.95, help="magnitude pruning's final sparsity")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer", help="magnitude pruning's ranking scope")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             bs.set_temperature_(net, bs.temperature_schedule(epoch, args.epochs, options["temperature"],
                                                              options["temperature"] / 100))
         if epoch in prune_epochs:
-            bs.threshold_(net, sparsity=prune_epochs[epoch])
+            bs.threshold_(net, sparsity=prune_epochs[epoch], scope=args.scope)
 
     def compression_now() -> float:
         """Compression if thresholded now by each layer's own criterion (fixed masks where there are some)."""
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": args.epochs, "seconds": seconds, "seconds_per_epoch": seconds / args.epochs,
         "train_size": n, "batch_size": args.batch_size, "lr": args.lr, "warmup": list(warmup),
         "method_options": options, "magnitude_final_sparsity": args.sparsity if args.method == "magnitude" else None,
+        "magnitude_scope": args.scope if args.method == "magnitude" else None,
         "seed": args.seed, "paper": PAPER.get((args.net, args.method)), "curve": curve,
         "torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
         "command": "python " + " ".join(sys.argv),

@@ -32,7 +32,7 @@ def load_rows() -> list[dict]:
         opts = d.get("method_options") or {}
         label = method + (f" (penalty {opts['penalty']})" if "penalty" in opts else "")
         if method == "magnitude" and d.get("magnitude_final_sparsity") is not None:
-            label += f" (sparsity {d['magnitude_final_sparsity']})"
+            label += f" (sparsity {d['magnitude_final_sparsity']}, {d.get('magnitude_scope') or 'layer'})"
         rows.append({"file": path.name, "net": net, "method": label, "epochs": d["epochs"],
                      "error": d["test_error_percent"], "compression": d["compression"],
                      "sparsity": d["sparsity_per_layer_percent"],
