@@ -55,6 +55,7 @@ def main() -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -68,6 +69,8 @@ def main() -> None:
                 ax.scatter(c, e, marker="*", s=120, color="black")
                 ax.annotate(label, (c, e), fontsize=7, xytext=(3, -9), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.set_xlabel("compression (total / non-zero weights)")
         ax.set_ylabel("test error (%)")
         ax.set_title({"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}[net] + " on MNIST (stars: papers)")
