@@ -42,16 +42,18 @@ def main() -> None:
     base_err = bs.error_rate(dense, mnist.x_test, mnist.y_test)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for values in ["float32", "float16", "bfloat16", 8, 6, 5, 4, "auto"]:
+        for values, tol in [("float32", None), ("float16", None), ("bfloat16", None), (8, None), (6, None),
+                            (5, None), (4, None), ("auto", 0.25), ("auto", 0.1)]:
             path = Path(tmp) / "m.safetensors"
-            rep = bs.export.save(net, path, values=values)
+            rep = bs.export.save(net, path, values=values, **({"tolerance": tol} if tol else {}))
             back = bs.export.load(path, model=lenet300(nn.Linear))
             err = bs.error_rate(back, mnist.x_test, mnist.y_test)
-            row = {"values": values, "total_bytes": rep.total_bytes, "ratio": dense_bytes / rep.total_bytes,
+            row = {"values": values, "tolerance": tol, "total_bytes": rep.total_bytes, "ratio": dense_bytes / rep.total_bytes,
                    "test_error_percent": 100 * err, "error_change_pp": 100 * (err - base_err),
                    "layers": rep.layers}
             rows.append(row)
-            print(f"values={values!s:9s} {rep.total_bytes:8,d} bytes  {row['ratio']:6.1f}x smaller  "
+            label = f"{values}" + (f"@{tol}" if tol else "")
+            print(f"values={label:9s} {rep.total_bytes:8,d} bytes  {row['ratio']:6.1f}x smaller  "
                   f"test error {100 * err:.2f}% ({row['error_change_pp']:+.2f} pp)")
     out = {"model": str(model_path), "dense_state_dict_bytes": dense_bytes, "dense_test_error_percent": 100 * base_err,
            "nonzero_weights": bs.report(dense).nonzero, "rows": rows,

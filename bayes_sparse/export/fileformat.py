@@ -14,7 +14,9 @@ otherwise pass the unmodified architecture to ``load(path, model=...)`` or use :
 
 from __future__ import annotations
 
+import base64
 import json
+import lzma
 import math
 import os
 import zlib
@@ -147,6 +149,89 @@ def _auto_bits(values: np.ndarray, std: np.ndarray, tolerance: float) -> int:
     return 8
 
 
+def _compress(stream: Tensor) -> tuple[Tensor, Optional[dict[str, Any]]]:
+    """The smallest of the raw bytes, zlib and lzma (general-purpose entropy coders, as Deep Compression's
+    Huffman stage); returns the stored tensor and, when compressed, how to undo it."""
+    raw = stream.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    best: tuple[bytes, Optional[str]] = (raw, None)
+    for name, fn in _CODECS.items():
+        packed = fn(raw)
+        if len(packed) < len(best[0]):
+            best = (packed, name)
+    if best[1] is None:
+        return stream, None
+    info = {"codec": best[1], "raw_bytes": len(raw), "dtype": str(stream.dtype)[6:]}
+    return torch.frombuffer(bytearray(best[0]), dtype=torch.uint8), info
+
+
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+_CODECS = {"zlib": lambda b: zlib.compress(b, 9),
+           "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)}
+_STREAM_DTYPES = {"uint8": torch.uint8, "int32": torch.int32, **VALUE_DTYPES}
+
+
+def _decompress(key: str, stored: Tensor, info: dict) -> Tensor:
+    raw_bytes, codec = int(info["raw_bytes"]), info["codec"]
+    dtype = _STREAM_DTYPES.get(info["dtype"])
+    if dtype is None or raw_bytes < 0 or codec not in _CODECS:
+        raise CorruptFileError(f"stream {key!r}: unknown codec {codec!r} or dtype {info['dtype']!r}")
+    data = stored.numpy().tobytes()
+    try:
+        if codec == "zlib":
+            d = zlib.decompressobj()
+            raw = d.decompress(data, raw_bytes)  # never more than the header announced
+        else:
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+            raw = d.decompress(data, max_length=raw_bytes)
+    except (zlib.error, lzma.LZMAError) as e:
+        raise CorruptFileError(f"stream {key!r} does not decompress: {e}") from e
+    if len(raw) != raw_bytes or raw_bytes % torch.tensor([], dtype=dtype).element_size():
+        raise CorruptFileError(f"stream {key!r} decompresses to {len(raw)} bytes, the header says {raw_bytes}")
+    return torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+
+
+def _encode_weight(t: Tensor, positions: np.ndarray, nz: np.ndarray, values: Union[str, int],
+                   book: Optional[np.ndarray], codes_v: Optional[np.ndarray], kind: str, bits_i: int,
+                   container_bits: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """One candidate encoding of a weight: the header entry and its (codec-compressed) streams."""
+    numel = t.numel()
+    entry: dict[str, Any] = {"kind": "sparse", "shape": list(t.shape), "dtype": str(t.dtype)[6:], "nnz": int(nz.size),
+                             "index": kind, "index_bits": bits_i}
+    streams: dict[str, Tensor] = {}
+    if kind == "bitmask":
+        mask = np.zeros(numel, dtype=np.uint8)
+        mask[positions] = 1
+        streams["index"] = torch.from_numpy(np.packbits(mask, bitorder="little"))
+        stream, is_real = nz, np.ones(nz.size, bool)
+    elif kind == "int32":
+        streams["index"] = torch.from_numpy(positions.astype(np.int32))
+        stream, is_real = nz, np.ones(nz.size, bool)
+    else:
+        codes, is_real = _bits.encode_relative(positions, bits_i)
+        streams["index"] = torch.from_numpy(_bits.pack(codes, bits_i))
+        stream = np.zeros(codes.size, np.float32)
+        stream[is_real] = nz
+        entry["entries"] = int(codes.size)
+    if book is None:
+        streams["values"] = torch.from_numpy(stream.astype(np.float32)).to(VALUE_DTYPES[values])
+        entry["values"] = values
+    else:
+        all_codes = np.zeros(stream.size, np.int64)  # code 0 is the exact zero of fillers
+        all_codes[is_real] = codes_v + 1
+        streams["codebook"] = torch.from_numpy(np.concatenate([[0.0], book]).astype(np.float32))
+        streams["values"] = torch.from_numpy(_bits.pack(all_codes, container_bits))
+        entry["values"] = "codebook"
+        entry["value_bits"] = container_bits
+    codecs = {}
+    for suffix in ("index", "values"):
+        streams[suffix], info = _compress(streams[suffix])
+        if info is not None:
+            codecs[suffix] = info
+    if codecs:
+        entry["codecs"] = codecs
+    return entry, streams
+
+
 def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32", tolerance: float = 0.25) -> FileReport:
     """Write ``model`` (a thresholded sparse model, or a plain one) to one compressed safetensors file.
 
@@ -213,46 +298,58 @@ def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32
                 bits_v = 8 if std is None else _auto_bits(nz, std.reshape(-1)[positions].numpy(), tolerance)
             else:
                 bits_v = int(values)
-        kind, bits_i, _ = _bits.choose_index_encoding(positions, flat.numel(), bits_v)
-        entry: dict[str, Any] = {"kind": "sparse", "shape": list(t.shape), "dtype": str(t.dtype)[6:], "nnz": int(nz.size),
-                                 "index": kind, "index_bits": bits_i}
-        if kind == "bitmask":
-            mask = np.zeros(flat.numel(), dtype=np.uint8)
-            mask[positions] = 1
-            tensors[f"{key}::index"] = torch.from_numpy(np.packbits(mask, bitorder="little"))
-            stream, is_real = nz, np.ones(nz.size, bool)
-        elif kind == "int32":
-            tensors[f"{key}::index"] = torch.from_numpy(positions.astype(np.int32))
-            stream, is_real = nz, np.ones(nz.size, bool)
-        else:
-            codes, is_real = _bits.encode_relative(positions, bits_i)
-            tensors[f"{key}::index"] = torch.from_numpy(_bits.pack(codes, bits_i))
-            stream = np.zeros(codes.size, np.float32)
-            stream[is_real] = nz
-            entry["entries"] = int(codes.size)
         if values in VALUE_DTYPES:
-            tensors[f"{key}::values"] = torch.from_numpy(stream.astype(np.float32)).to(VALUE_DTYPES[values])
-            entry["values"] = values
+            book, codes_v = None, None
         else:
             book, codes_v = _bits.kmeans_codebook(nz, (1 << bits_v) - 1)
-            all_codes = np.zeros(stream.size, np.int64)  # code 0 is the exact zero of fillers
-            all_codes[is_real] = codes_v + 1
-            tensors[f"{key}::codebook"] = torch.from_numpy(np.concatenate([[0.0], book]).astype(np.float32))
-            tensors[f"{key}::values"] = torch.from_numpy(_bits.pack(all_codes, bits_v))
-            entry["values"] = "codebook"
-            entry["value_bits"] = bits_v
+        kind, bits_i, _ = _bits.choose_index_encoding(positions, flat.numel(), bits_v)
+        candidates = [(kind, bits_i, bits_v)]
+        if kind != "bitmask":  # byte-aligned streams, which the general-purpose codecs compress best
+            candidates.append(("relative", 8, 8 if book is not None else bits_v))
+        best = None
+        for cand in candidates:
+            entry, streams = _encode_weight(t, positions, nz, values, book, codes_v, *cand)
+            size = sum(v.numel() * v.element_size() for v in streams.values())
+            if best is None or size < best[2]:
+                best = (entry, streams, size)
+        entry, streams, _ = best
+        for suffix, stream in streams.items():
+            tensors[f"{key}::{suffix}"] = stream
         entries[key] = entry
         nbytes = sum(tensors[k].numel() * tensors[k].element_size() for k in tensors if k.startswith(f"{key}::"))
-        report[key] = {"bytes": nbytes, "encoding": f"{kind}{bits_i if kind == 'relative' else ''} + "
-                       + (values if values in VALUE_DTYPES else f"{bits_v}-bit codebook"),
+        report[key] = {"bytes": nbytes, "encoding": f"{entry['index']}{entry['index_bits']} + "
+                       + (values if values in VALUE_DTYPES else f"{bits_v}-bit codebook")
+                       + "".join(f", {k} {c['codec']}" for k, c in entry.get("codecs", {}).items()),
                        "nnz": int(nz.size), "numel": int(flat.numel())}
     header = {"tensors": entries, "tree": _tree(dense), "crc32": {k: _crc(v) for k, v in tensors.items()}}
-    header_json = json.dumps(header, separators=(",", ":"), sort_keys=True)
-    metadata = {"format": MAGIC, "version": str(VERSION), "header": header_json,
-                "header_crc32": str(zlib.crc32(header_json.encode()))}
+    header_text = encode_header(header)
+    metadata = {"format": MAGIC, "version": str(VERSION), "header": header_text,
+                "header_crc32": str(zlib.crc32(header_text.encode()))}
     data = st_save(tensors, metadata=metadata)
     Path(path).write_bytes(data)
     return FileReport(str(path), len(data), report)
+
+
+def encode_header(header: dict) -> str:
+    """The header as stored: compact JSON, zlib-compressed, base64 (JSON escaping would double its size)."""
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True)
+    return base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+
+
+_MAX_HEADER_BYTES = 1 << 24
+
+
+def decode_header(text: str) -> Any:
+    """Inverse of :func:`encode_header`; raises :class:`CorruptFileError` on anything malformed."""
+    try:
+        packed = base64.b64decode(text, validate=True)
+        d = zlib.decompressobj()
+        raw = d.decompress(packed, _MAX_HEADER_BYTES)
+        if d.unconsumed_tail or not d.eof:
+            raise CorruptFileError("the header is truncated or larger than 16 MiB")
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, zlib.error, RecursionError, UnicodeDecodeError, TypeError) as e:
+        raise CorruptFileError(f"the header cannot be decoded: {type(e).__name__}") from e
 
 
 # ----- loading -------------------------------------------------------------------------------------
@@ -283,13 +380,13 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if meta.get("version") != str(VERSION):
         raise CorruptFileError(f"{path} has bayes_sparse format version {meta.get('version')!r}; this library reads "
                                f"version {VERSION}")
-    header_json = meta.get("header", "")
-    if str(zlib.crc32(header_json.encode())) != meta.get("header_crc32"):
+    header_text = meta.get("header", "")
+    if not isinstance(header_text, str) or str(zlib.crc32(header_text.encode())) != meta.get("header_crc32"):
         raise CorruptFileError(f"{path}: the header checksum does not match (the file is damaged)")
     try:
-        header = json.loads(header_json)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise CorruptFileError(f"{path}: the header is not valid JSON: {type(e).__name__}") from e
+        header = decode_header(header_text)
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{path}: {e}") from e
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
         raise CorruptFileError(f"{path}: the header has no tensor table")
     crcs = header.get("crc32", {})
@@ -315,7 +412,18 @@ def _decode(key: str, e: dict, tensors: dict[str, Tensor], budget: list[int]) ->
             raise CorruptFileError(f"tensor {key!r} (shape {shape}) takes the file beyond max_numel elements; "
                                    "pass a larger max_numel to load(...) if the model really is that big")
         nnz, kind, bits_i = int(e["nnz"]), e["index"], int(e["index_bits"])
-        index = tensors[f"{key}::index"].numpy()
+        codecs = e.get("codecs", {})
+        if not isinstance(codecs, dict):
+            raise CorruptFileError(f"tensor {key!r}: malformed codecs")
+        streams = {}
+        for suffix in ("index", "values"):
+            stored = tensors[f"{key}::{suffix}"]
+            if suffix in codecs:
+                if not isinstance(codecs[suffix], dict) or int(codecs[suffix]["raw_bytes"]) > 16 * numel + 1024:
+                    raise CorruptFileError(f"tensor {key!r}: the {suffix} stream announces an impossible size")
+                stored = _decompress(f"{key}::{suffix}", stored, codecs[suffix])
+            streams[suffix] = stored
+        index = streams["index"].numpy()
         if kind == "bitmask":
             if index.size * 8 < numel:
                 raise CorruptFileError(f"tensor {key!r}: the bitmask is shorter than the tensor")
@@ -337,12 +445,12 @@ def _decode(key: str, e: dict, tensors: dict[str, Tensor], budget: list[int]) ->
             value_bits = int(e["value_bits"])
             if not 1 <= value_bits <= 8:
                 raise CorruptFileError(f"tensor {key!r}: value_bits {value_bits} is outside [1, 8]")
-            vcodes = _bits.unpack(tensors[f"{key}::values"].numpy(), value_bits, count)
+            vcodes = _bits.unpack(streams["values"].numpy(), value_bits, count)
             if vcodes.size and (vcodes.max() >= book.size or vcodes.min() < 0):
                 raise CorruptFileError(f"tensor {key!r}: a value code is beyond its codebook")
             vals = torch.from_numpy(book[vcodes])
         elif e["values"] in VALUE_DTYPES:
-            vals = tensors[f"{key}::values"].to(torch.float32)
+            vals = streams["values"].to(torch.float32)
             if vals.numel() != count:
                 raise CorruptFileError(f"tensor {key!r}: {vals.numel()} values for {count} index entries")
         else:

@@ -12,7 +12,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import bayes_sparse as bs
-from bayes_sparse.export import CorruptFileError, _bits
+from bayes_sparse.export import CorruptFileError, _bits, fileformat
 
 
 def _sparse_lenet(density_spread=(-14, 2)):
@@ -161,6 +161,10 @@ def test_named_problems(tmp_path, good_file):
         _load_bytes(tmp_path, _rewrite_metadata(data, version="99"))
     with pytest.raises(CorruptFileError, match="header checksum does not match"):
         _load_bytes(tmp_path, _rewrite_metadata(data, header_crc32="1"))
+    import zlib
+    for junk in ("not base64!", "aGVsbG8="):  # not base64; base64 of something that is not zlib
+        with pytest.raises(CorruptFileError, match="header cannot be decoded"):
+            _load_bytes(tmp_path, _rewrite_metadata(data, header=junk, header_crc32=str(zlib.crc32(junk.encode()))))
     with pytest.raises(CorruptFileError, match="not a bayes_sparse model file"):  # another tool's safetensors file
         _load_bytes(tmp_path, st_save({"w": torch.ones(3)}))
     buf = io.BytesIO()
@@ -183,9 +187,9 @@ def test_out_of_range_indices_are_caught_even_with_valid_checksums(tmp_path):
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     head = json.loads(data[8:8 + n])
-    inner = json.loads(head["__metadata__"]["header"])
+    inner = fileformat.decode_header(head["__metadata__"]["header"])
     inner["tensors"]["0.weight"]["shape"] = [2, 5]  # now index 19 is out of range
-    text = json.dumps(inner, separators=(",", ":"), sort_keys=True)
+    text = fileformat.encode_header(inner)
     import zlib
     data = _rewrite_metadata(data, header=text, header_crc32=str(zlib.crc32(text.encode())))
     with pytest.raises(CorruptFileError, match=r"indices out of range .* \[2, 5\]"):
@@ -200,9 +204,9 @@ def _craft(tmp_path, mutate, values="float32", model=None):
     bs.export.save(model, path, values=values)
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    inner = json.loads(json.loads(data[8:8 + n])["__metadata__"]["header"])
+    inner = fileformat.decode_header(json.loads(data[8:8 + n])["__metadata__"]["header"])
     mutate(inner)
-    text = json.dumps(inner, separators=(",", ":"), sort_keys=True)
+    text = fileformat.encode_header(inner)
     return _rewrite_metadata(data, header=text, header_crc32=str(zlib.crc32(text.encode())))
 
 
@@ -237,10 +241,12 @@ def test_deeply_nested_header_json(tmp_path):
     bs.export.save(nn.Sequential(nn.Linear(4, 2)), path)
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    inner = json.loads(data[8:8 + n])["__metadata__"]["header"]
-    text = inner[:-1] + ',"deep":' + "[" * 5000 + "]" * 5000 + "}"  # too deep for Python's json
+    inner = json.dumps({"tensors": {}})
+    deep = inner[:-1] + ',"deep":' + "[" * 5000 + "]" * 5000 + "}"  # too deep for Python's json
+    import base64
+    text = base64.b64encode(zlib.compress(deep.encode())).decode()
     data = _rewrite_metadata(data, header=text, header_crc32=str(zlib.crc32(text.encode())))
-    with pytest.raises(CorruptFileError, match="not valid JSON: RecursionError"):
+    with pytest.raises(CorruptFileError, match="header cannot be decoded: RecursionError"):
         _load_bytes(tmp_path, data)
 
 
