@@ -5,5 +5,16 @@ from .fileformat import CorruptFileError, FileReport, load, load_state_dict, sav
 from .kernels import KERNELS, SparseKernel, compile, kernel_report
 from .onnx import to_onnx
 
-__all__ = ["KERNELS", "CorruptFileError", "FileReport", "SparseKernel", "compile", "kernel_report", "load",
-           "load_state_dict", "save", "to_dense", "to_onnx"]
+__all__ = [
+    "CorruptFileError",
+    "FileReport",
+    "KERNELS",
+    "SparseKernel",
+    "compile",
+    "kernel_report",
+    "load",
+    "load_state_dict",
+    "save",
+    "to_dense",
+    "to_onnx",
+]

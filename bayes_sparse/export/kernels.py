@@ -17,7 +17,6 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import benchmark
 
 from .._validation import check_module, check_number
 from ..layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_module_
@@ -148,6 +147,8 @@ class SparseKernel(nn.Module):
 
 
 def _time(module: nn.Module, x: Tensor, threads: int) -> float:
+    from torch.utils import benchmark  # imported on use: it pulls in cpp_extension, which warns without CUDA
+
     t = benchmark.Timer("m(x)", globals={"m": module, "x": x}, num_threads=threads)
     return t.blocked_autorange(min_run_time=0.05).median
 
