@@ -46,6 +46,20 @@ def test_compile_from_a_thresholded_sparse_model_and_auto():
     assert dense_net[0].kind == "dense"
 
 
+def test_the_cpp_kernel_is_built_where_a_compiler_exists():
+    import shutil
+
+    from bayes_sparse.export import _csrkernel
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert _csrkernel.available()  # otherwise the fast_csr cases above silently ran the dense fallback
+    lin = _pruned(nn.Linear(40000, 3), density=0.01)  # more than 32767 inputs: the int32 index path
+    x = torch.randn(2, 40000)
+    fast = bs.export.SparseKernel(lin, "fast_csr")
+    assert fast.mm.col.dtype == torch.int32
+    torch.testing.assert_close(fast(x), lin(x), rtol=1e-4, atol=1e-4)
+
+
 def test_compile_errors():
     with pytest.raises(ValueError, match="unknown kernel 'coo'; known: auto, dense, csr, bsr, fast_csr"):
         bs.export.compile(nn.Linear(2, 2), kernel="coo")
