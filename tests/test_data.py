@@ -1,4 +1,3 @@
-import gzip
 import importlib.metadata
 import io
 import pickle

@@ -1,7 +1,6 @@
 """The functional core against independent references: gradcheck, Monte Carlo KL, weight sampling."""
 
 import functools
-import math
 
 import pytest
 import torch

@@ -428,14 +428,13 @@ def _decode(key: str, e: dict, tensors: dict[str, Tensor], budget: list[int]) ->
             if index.size * 8 < numel:
                 raise CorruptFileError(f"tensor {key!r}: the bitmask is shorter than the tensor")
             positions = np.flatnonzero(np.unpackbits(index, bitorder="little")[:numel])
-            count, is_real = positions.size, None
+            count = positions.size
         elif kind == "int32":
-            positions, count, is_real = index.astype(np.int64), index.size, None
+            positions, count = index.astype(np.int64), index.size
         elif kind == "relative" and 1 <= bits_i <= 16:
             count = int(e["entries"])
             codes = _bits.unpack(index, bits_i, count)
             positions = _bits.decode_relative(codes, bits_i)
-            is_real = None
         else:
             raise CorruptFileError(f"tensor {key!r}: unknown index encoding {kind!r}/{bits_i}")
         if positions.size and (positions.min() < 0 or positions.max() >= numel or np.any(np.diff(positions) <= 0)):

@@ -240,7 +240,6 @@ def test_deeply_nested_header_json(tmp_path):
     path = tmp_path / "c.safetensors"
     bs.export.save(nn.Sequential(nn.Linear(4, 2)), path)
     data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
     inner = json.dumps({"tensors": {}})
     deep = inner[:-1] + ',"deep":' + "[" * 5000 + "]" * 5000 + "}"  # too deep for Python's json
     import base64
