@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_module
+from .._validation import check_module, check_number
 from ..layers.base import SUPPORTED_DENSE_TYPES, SparseLayer
 from ..layers.vd import _VDLayer
 from . import _bits
@@ -267,6 +267,7 @@ def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32
     from safetensors.torch import save as st_save
 
     check_module(model)
+    tolerance = check_number(tolerance, "tolerance", low=0.0, low_inclusive=False)
     if not (values in VALUE_DTYPES or values == "auto" or (isinstance(values, int) and not isinstance(values, bool)
                                                            and 1 <= values <= 8)):
         raise ValueError(f"values must be one of {sorted(VALUE_DTYPES)}, 'auto' or an int in [1, 8], got {values!r}")

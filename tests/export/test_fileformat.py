@@ -86,6 +86,8 @@ def test_encodings_are_the_cheapest_and_decode_exactly():
 def test_save_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"values must be one of .* got 'int8'"):
         bs.export.save(nn.Linear(2, 2), tmp_path / "x", values="int8")
+    with pytest.raises(ValueError, match=r"tolerance must be in \(0.0, inf\], got -1.0"):
+        bs.export.save(nn.Linear(2, 2), tmp_path / "x", values="auto", tolerance=-1.0)
     with pytest.raises(ValueError, match="got 9"):
         bs.export.save(nn.Linear(2, 2), tmp_path / "x", values=9)
     with pytest.raises(RuntimeError, match="call bayes_sparse.threshold_"):
