@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from torch import nn
 
 from ._validation import check_module
-from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_module_
+from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_each_
 from .layers import FAMILIES
 
 __all__ = ["ConversionReport", "conversion_report", "methods", "register", "sparsify"]
@@ -211,11 +211,8 @@ def sparsify(model: nn.Module, method: str = "vd", include: Optional[Sequence[Se
                          f"{', '.join(t.__name__ for t in table)}")
 
     out = model if inplace else copy.deepcopy(model)
-    converted: dict[int, nn.Module] = {}  # convert a shared layer once and keep it shared
-    for name in targets:
-        layer = out.get_submodule(name)
-        if id(layer) not in converted:
-            converted[id(layer)] = _convert_fn(table[type(layer)])(layer, **method_options)
-        out = replace_module_(out, name, converted[id(layer)])
+    chosen = set(targets)
+    out = replace_each_(out, lambda name, _: name in chosen,
+                        lambda _, layer: _convert_fn(table[type(layer)])(layer, **method_options))
     logger.info("sparsify(%s): converted %d layer(s)", method, len(targets))
     return out

@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from .._validation import check_module
-from ..layers.base import SparseLayer, replace_module_, sparse_layers
+from ..layers.base import SparseLayer, replace_each_, sparse_layers
 
 __all__ = ["to_dense"]
 
@@ -41,9 +41,4 @@ def to_dense(model: nn.Module) -> nn.Module:
         raise RuntimeError(f"layers {unfixed} have no fixed mask; call bayes_sparse.threshold_(model) before to_dense")
     if isinstance(model, SparseLayer):
         return model.to_dense()
-    out = copy.deepcopy(model)
-    twins: dict[int, nn.Module] = {}  # a layer shared at several places stays shared
-    for name, layer in list(out.named_modules(remove_duplicate=False)):
-        if isinstance(layer, SparseLayer):
-            replace_module_(out, name, twins.setdefault(id(layer), layer.to_dense()))
-    return out
+    return replace_each_(copy.deepcopy(model), lambda _, m: isinstance(m, SparseLayer), lambda _, m: m.to_dense())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_module, check_number
-from ..layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_module_
+from ..layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_each_
 from . import _csrkernel
 from .dense import to_dense
 
@@ -204,27 +204,18 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
             dense(example_input)
             for h in hooks:
                 h.remove()
-    built: dict[int, SparseKernel] = {}  # a layer used at several places gets one kernel
-    for name, layer in layers:
-        if id(layer) in built:
-            dense = replace_module_(dense, name, built[id(layer)])
-            continue
+
+    def choose(name: str, layer: nn.Module) -> SparseKernel:
         if float((layer.weight != 0).float().mean()) > max_density:
-            built[id(layer)] = SparseKernel(layer, "dense")
-            dense = replace_module_(dense, name, built[id(layer)])
-            continue
+            return SparseKernel(layer, "dense")
         if kernel != "auto":
-            built[id(layer)] = SparseKernel(layer, kernel if _supported(layer, kernel) else "dense")
-            dense = replace_module_(dense, name, built[id(layer)])
-            continue
+            return SparseKernel(layer, kernel if _supported(layer, kernel) else "dense")
         if name in inputs:
             x = torch.randn(batch_size, *inputs[name].shape[1:], dtype=torch.float32)
         elif isinstance(layer, nn.Linear):
             x = torch.randn(batch_size, layer.in_features)
         else:  # a convolution the example forward did not reach: nothing to time it on
-            built[id(layer)] = SparseKernel(layer, "dense")
-            dense = replace_module_(dense, name, built[id(layer)])
-            continue
+            return SparseKernel(layer, "dense")
         timings = {}
         best, best_t = None, float("inf")
         for kind in KERNELS:
@@ -235,10 +226,11 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
             if timings[kind] < best_t:
                 best, best_t = cand, timings[kind]
         best.timings = timings
-        built[id(layer)] = best
-        dense = replace_module_(dense, name, best)
         logger.info("compile: %s -> %s (%s)", name, best.kind, timings)
-    return dense
+        return best
+
+    # a layer used at several places gets one kernel
+    return replace_each_(dense, lambda _, m: isinstance(m, SUPPORTED_DENSE_TYPES), choose)
 
 
 def kernel_report(model: nn.Module) -> list[dict[str, Any]]:

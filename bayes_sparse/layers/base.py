@@ -11,7 +11,7 @@ with :class:`SparseLayer`. It keeps the torch layer's constructor, attributes an
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from .._validation import check_input_dtype, check_module
 
-__all__ = ["SUPPORTED_DENSE_TYPES", "HyperparameterState", "SparseLayer", "dense_kwargs", "replace_module_",
-           "sparse_layers"]
+__all__ = ["SUPPORTED_DENSE_TYPES", "HyperparameterState", "SparseLayer", "dense_kwargs", "replace_each_",
+           "replace_module_", "sparse_layers"]
 
 #: The torch layer types a sparse layer can stand in for, in the order their subclasses are searched.
 SUPPORTED_DENSE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -96,7 +96,8 @@ class SparseLayer:
         raise NotImplementedError
 
     def _forward_train(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Training forward; by default the layer's own operation on the (fixed-mask) weight."""
+        return self._affine(x, self._train_weight(), self.bias)
 
     # ----- shared behaviour ------------------------------------------------------------------------
     def _affine(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -233,4 +234,20 @@ def replace_module_(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
         return new
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    return root
+
+
+def replace_each_(root: nn.Module, select: Callable[[str, nn.Module], bool],
+                  make: Callable[[str, nn.Module], nn.Module]) -> nn.Module:
+    """Replace, in place, every module for which ``select(name, module)`` holds by ``make(name, module)``.
+
+    A module used at several places is made once and stays shared. Returns ``root`` (or its replacement
+    when the root itself is selected).
+    """
+    made: dict[int, nn.Module] = {}
+    for name, module in list(root.named_modules(remove_duplicate=False)):
+        if select(name, module):
+            if id(module) not in made:
+                made[id(module)] = make(name, module)
+            root = replace_module_(root, name, made[id(module)])
     return root

@@ -61,9 +61,6 @@ class _L1Layer(HyperparameterState, SparseLayer):
             return self.weight.new_zeros(())
         return self.penalty_strength * self._masked_sum(self.weight.abs())
 
-    def _forward_train(self, x: Tensor) -> Tensor:
-        return self._affine(x, self._train_weight(), self.bias)
-
 
 class L1Linear(_L1Layer, nn.Linear):
     """Drop-in ``nn.Linear`` with an L1 penalty (see the module docstring).

@@ -47,9 +47,6 @@ class _MagnitudeLayer(HyperparameterState, SparseLayer):
     def regularizer(self) -> Tensor:
         return self.weight.new_zeros(())
 
-    def _forward_train(self, x: Tensor) -> Tensor:
-        return self._affine(x, self._train_weight(), self.bias)
-
 
 class MagnitudeLinear(_MagnitudeLayer, nn.Linear):
     """Drop-in ``nn.Linear`` for magnitude pruning.
