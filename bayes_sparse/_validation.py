@@ -46,3 +46,11 @@ def check_input_dtype(layer: nn.Module, x: Any, weight: torch.Tensor) -> None:
         raise TypeError(f"{type(layer).__name__} got input of dtype {x.dtype} but its weights are {weight.dtype}; "
                         f"convert the data with x.to({weight.dtype}) (images stored as uint8: x.float() / 255) "
                         f"or the model with model.to({weight.dtype})")
+
+
+def check_positive_int(value: Any, name: str, *, hint: str = "") -> int:
+    """Return ``value`` after checking it is an int >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = f" ({hint})" if hint else ""
+        raise ValueError(f"{name} must be a positive int{extra}, got {value!r}")
+    return value

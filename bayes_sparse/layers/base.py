@@ -95,6 +95,16 @@ class SparseLayer:
         """The layer's KL divergence or penalty, summed over its weights (a scalar tensor)."""
         raise NotImplementedError
 
+    def posterior_std(self) -> Tensor | None:
+        """Per-weight posterior standard deviation, for methods with a posterior (else ``None``)."""
+        return None
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Schedule hook, called by :func:`bayes_sparse.on_epoch_start` before each epoch."""
+
+    def after_step(self, lr: float, num_data: int) -> None:
+        """Schedule hook, called by :func:`bayes_sparse.after_step` after each optimizer step."""
+
     def _forward_train(self, x: Tensor) -> Tensor:
         """Training forward; by default the layer's own operation on the (fixed-mask) weight."""
         return self._affine(x, self._train_weight(), self.bias)

@@ -84,6 +84,11 @@ class _VDLayer(SparseLayer):
     def keep_score(self) -> Tensor:
         return -self.log_alpha
 
+    def posterior_std(self) -> Tensor:
+        """Posterior standard deviation ``sqrt(alpha) |theta|`` per weight (detached)."""
+        with torch.no_grad():
+            return (torch.exp(0.5 * self.log_alpha) * self.weight.abs()).detach()
+
     def criterion_mask(self, threshold: float | None = None) -> Tensor:
         t = DEFAULT_LOG_ALPHA_THRESHOLD if threshold is None else threshold
         return self.log_alpha < t
