@@ -9,10 +9,16 @@ soft L0, ``"l1"`` L1 penalty (optionally proximal), ``"magnitude"`` magnitude pr
 """
 
 from . import data, distributions, export, functional, infer
-from .convert import ConversionReport, conversion_report, methods, register, sparsify
+from .convert import ConversionReport, conversion_report, method_class, methods, register, register_method, sparsify
 from .export import to_dense
 from .infer import SVIModel, error_rate, fit_svi
 from .layers import (
+    L0,
+    L1,
+    LTP,
+    VD,
+    Magnitude,
+    Option,
     L0Conv1d,
     L0Conv2d,
     L0Conv3d,
@@ -36,40 +42,49 @@ from .layers import (
     VDLinear,
     proximal_step_,
     set_temperature_,
+    sparse_class,
     sparse_layers,
     temperature_schedule,
 )
 from .objectives import kl, penalty, regularizer
 from .report import SparsityReport, report
+from .schedule import after_step, on_epoch_start
 from .threshold import iterative_magnitude_prune_, sparsity_schedule, threshold_
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConversionReport",
+    "L0",
     "L0Conv1d",
     "L0Conv2d",
     "L0Conv3d",
     "L0Linear",
+    "L1",
     "L1Conv1d",
     "L1Conv2d",
     "L1Conv3d",
     "L1Linear",
+    "LTP",
     "LTPConv1d",
     "LTPConv2d",
     "LTPConv3d",
     "LTPLinear",
+    "Magnitude",
     "MagnitudeConv1d",
     "MagnitudeConv2d",
     "MagnitudeConv3d",
     "MagnitudeLinear",
+    "Option",
     "SVIModel",
     "SparseLayer",
     "SparsityReport",
+    "VD",
     "VDConv1d",
     "VDConv2d",
     "VDConv3d",
     "VDLinear",
+    "after_step",
     "conversion_report",
     "data",
     "distributions",
@@ -80,13 +95,17 @@ __all__ = [
     "infer",
     "iterative_magnitude_prune_",
     "kl",
+    "method_class",
     "methods",
+    "on_epoch_start",
     "penalty",
     "proximal_step_",
     "register",
+    "register_method",
     "regularizer",
     "report",
     "set_temperature_",
+    "sparse_class",
     "sparse_layers",
     "sparsify",
     "sparsity_schedule",

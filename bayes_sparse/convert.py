@@ -1,6 +1,8 @@
 """Conversion of any model through a type-keyed registry: ``sparsify(model, method="vd", ...)``.
 
-The registry maps ``method -> {torch layer type: sparse layer class}``. Lookup is by exact type, so a
+The registry maps ``method -> {torch layer type: converter}``. :func:`register_method` registers a method
+class (a :class:`~bayes_sparse.layers.base.SparseLayer` subclass) in one call, for every torch layer type it
+supports; :func:`register` adds a single (method, type, converter) entry. Lookup is by exact type, so a
 subclass of ``nn.Linear`` that is used by its parent in a special way (e.g. ``MultiheadAttention.out_proj``)
 is never swapped silently; register it to opt in.
 """
@@ -17,10 +19,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from torch import nn
 
 from ._validation import check_module
-from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_each_
-from .layers import FAMILIES
+from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_each_, sparse_class
+from .layers import BUILTIN_METHODS
 
-__all__ = ["ConversionReport", "conversion_report", "methods", "register", "sparsify"]
+__all__ = ["ConversionReport", "conversion_report", "method_class", "methods", "register", "register_method",
+           "sparsify"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ Selector = Union[type, str]
 Converter = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, dict[type, Converter]] = {}
+_METHODS: dict[str, type[SparseLayer]] = {}
 
 
 def register(method: str, dense_type: type, converter: Converter) -> None:
@@ -54,14 +58,53 @@ def register(method: str, dense_type: type, converter: Converter) -> None:
     _REGISTRY.setdefault(method, {})[dense_type] = converter
 
 
+def register_method(method: type[SparseLayer], dense_types: Optional[Iterable[type]] = None) -> type[SparseLayer]:
+    """Register a method class under its name, for every torch layer type (its sparse layers are generated).
+
+    Args:
+        method: A :class:`~bayes_sparse.layers.base.SparseLayer` subclass with a non-empty ``method`` name.
+        dense_types: The torch layer types it converts (default: Linear and Conv1d/2d/3d).
+
+    Returns:
+        ``method`` (so it can decorate the class).
+
+    Raises:
+        TypeError: ``method`` is not a method class.
+        ValueError: its name is empty, or taken by another method class.
+
+    Example:
+        >>> from bayes_sparse.layers import VD
+        >>> register_method(VD) is VD
+        True
+    """
+    if not (isinstance(method, type) and issubclass(method, SparseLayer)) or "dense_type" in method.__dict__:
+        raise TypeError(f"register_method expects a method class (a SparseLayer subclass such as "
+                        f"bayes_sparse.layers.VD), got {method!r}")
+    name = method.method
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{method.__name__}.method must be a non-empty name, got {name!r}")
+    if _METHODS.get(name, method) is not method:
+        raise ValueError(f"method name {name!r} is taken by {_METHODS[name].__qualname__}; choose another name")
+    _METHODS[name] = method
+    for dense_type in dense_types or SUPPORTED_DENSE_TYPES:
+        register(name, dense_type, sparse_class(method, dense_type))
+    return method
+
+
+def method_class(name: str) -> type[SparseLayer]:
+    """The method class registered as ``name`` (raises ``ValueError`` naming the known ones)."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
 def methods() -> list[str]:
     """Names of the registered methods, sorted."""
     return sorted(_REGISTRY)
 
 
-for _method, _classes in FAMILIES.items():
-    for _dense, _sparse in zip(SUPPORTED_DENSE_TYPES, _classes):
-        register(_method, _dense, _sparse)
+for _method in BUILTIN_METHODS:
+    register_method(_method)
 
 
 def _convert_fn(converter: Converter) -> Callable[..., nn.Module]:
@@ -70,6 +113,8 @@ def _convert_fn(converter: Converter) -> Callable[..., nn.Module]:
 
 def _accepted_options(converter: Converter) -> Optional[set[str]]:
     """Keyword options a converter accepts (None when it takes **kwargs)."""
+    if isinstance(converter, type) and issubclass(converter, SparseLayer):
+        return set(converter.options)
     params = list(inspect.signature(_convert_fn(converter)).parameters.values())[1:]  # skip the layer
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None

@@ -2,7 +2,9 @@
 
 Every term is in the units of the whole-data objective (summed negative log-likelihood over N examples),
 so a plain PyTorch loop with a mean-reduced NLL uses ``loss = nll + regularizer(model) / N``, and Pyro
-SVI adds ``regularizer(model)`` unscaled (:class:`bayes_sparse.SVIModel` does).
+SVI adds ``regularizer(model)`` unscaled (:class:`bayes_sparse.SVIModel` does). Each layer's term is
+multiplied by its ``reg_weight`` (the warm-up schedule's current weight, set by
+:func:`bayes_sparse.on_epoch_start`; 1.0 when no schedule runs, which gives the true objective).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ __all__ = ["kl", "penalty", "regularizer"]
 
 
 def _sum(model: nn.Module, bayesian: bool | None) -> Tensor:
-    terms = [layer.regularizer() for _, layer in sparse_layers(model) if bayesian is None or layer.bayesian == bayesian]
+    terms = [layer.regularizer() * layer.reg_weight if layer.reg_weight != 1.0 else layer.regularizer()
+             for _, layer in sparse_layers(model) if bayesian is None or layer.bayesian == bayesian]
     if not terms:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)

@@ -16,9 +16,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_number
-from .layers.base import SparseLayer, sparse_layers
-from .layers.vd import _VDLayer
+from ._validation import check_number, check_positive_int
+from .layers.base import SparseLayer, sparse_layers, top_k_mask
+from .layers.magnitude import sparsity_schedule
 
 __all__ = ["SCOPES", "iterative_magnitude_prune_", "sparsity_schedule", "threshold_"]
 
@@ -31,44 +31,43 @@ DEFAULT_MIN_DENSITY = 1e-3
 
 def _score(layer: SparseLayer) -> Tensor:
     s = layer.keep_score().detach().float()
-    if bool(layer.mask_fixed):
+    if layer.mask_fixed:
         s = s.masked_fill(~layer.weight_mask, float("-inf"))  # once pruned, stays pruned
     return s
 
 
-def _top_k_mask(score: Tensor, k: int) -> Tensor:
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k > 0:
-        mask[torch.topk(score.flatten(), k).indices] = True
-    return mask.view_as(score)
-
-
-def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity: Optional[float] = None,
-               scope: str = "layer", min_density: float = DEFAULT_MIN_DENSITY) -> dict[str, float]:
+def threshold_(model: nn.Module, threshold: Optional[float] = None, *, sparsity: Optional[float] = None,
+               scope: str = "layer", min_density: float = DEFAULT_MIN_DENSITY,
+               log_alpha: Optional[float] = None) -> dict[str, float]:
     """Fix the hard mask of every sparse layer in place.
 
     ``threshold_(model)`` uses each layer's own criterion (Sparse VD: ``log alpha < 3``);
-    ``threshold_(model, log_alpha=t)`` sets the Sparse VD threshold; ``threshold_(model, sparsity=s,
-    scope="layer"|"global")`` keeps the ``1 - s`` highest keep-scores per layer or over all layers.
-    Afterwards training and evaluation use the fixed masks, penalties count kept weights only, and
+    ``threshold_(model, t)`` hands ``t`` to every layer's ``criterion_mask`` (Sparse VD: log alpha, L1 and
+    magnitude: ``|w|``; methods that prune by a learned criterion, L0 and LTP, refuse one);
+    ``threshold_(model, sparsity=s, scope="layer"|"global")`` keeps the ``1 - s`` highest keep-scores per
+    layer or over all layers. Afterwards training and evaluation use the fixed masks, penalties count kept
+    weights only, every reader of ``layer.weight`` sees the masked weight, and
     :func:`bayes_sparse.to_dense` can export the model.
 
     Args:
         model: A model containing sparse layers; changed in place.
-        log_alpha: Sparse VD threshold on the clipped log alpha, finite and >= 0 (paper: 3.0).
+        threshold: Passed to each layer's ``criterion_mask``; its meaning and range are the method's.
         sparsity: Target fraction of pruned weights in [0, 1); replaces the layers' own criteria.
         scope: ``"layer"`` (each layer reaches ``sparsity``) or ``"global"`` (one ranking over all layers,
             which must then share one method so their scores compare).
         min_density: Guard: each layer keeps at least ``ceil(min_density * n)`` weights (at least one when
             > 0), with a warning naming the layer when the guard acts. 0 disables it.
+        log_alpha: Alias of ``threshold`` for methods whose threshold is a log alpha (Sparse VD); the other
+            layers then use their own criterion.
 
     Returns:
         ``{layer_name: density}`` for every sparse layer (density = kept / total weights).
 
     Raises:
         TypeError: ``model`` is not a module or a number argument is not a number.
-        ValueError: an argument out of range, both ``log_alpha`` and ``sparsity`` given, a global scope over
-            mixed methods, or a model without sparse layers.
+        ValueError: an argument out of range, a threshold a method cannot take (the message names the
+            method), two of ``threshold``/``log_alpha``/``sparsity`` given, a global scope over mixed methods,
+            or a model without sparse layers.
 
     Warns:
         UserWarning: naming each layer the guard acted on, or left with no weight at all.
@@ -81,12 +80,11 @@ def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity:
     References:
         Molchanov, Ashukha, Vetrov 2017 (log alpha >= 3); Han et al. 2015 (magnitude); Gale et al. 2019 (global).
     """
-    if log_alpha is not None:
-        log_alpha = check_number(log_alpha, "log_alpha", low=0.0,
-                                 hint="Weights with log alpha >= threshold are pruned; the paper uses 3.0.")
+    given = [k for k, v in (("threshold", threshold), ("log_alpha", log_alpha), ("sparsity", sparsity)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of threshold, log_alpha (the Sparse VD criterion) or sparsity (a target), "
+                         f"not both {given[0]} and {given[1]}")
     if sparsity is not None:
-        if log_alpha is not None:
-            raise ValueError("give either log_alpha (the Sparse VD criterion) or sparsity (a target), not both")
         sparsity = check_number(sparsity, "sparsity", low=0.0, high=1.0,
                                 hint="It is the fraction of weights to prune, e.g. 0.9.")
         if sparsity >= 1.0:
@@ -98,10 +96,14 @@ def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no sparse layers to threshold; convert it first, "
                          "e.g. bayes_sparse.sparsify(model, method='vd')")
-    if log_alpha is not None and not any(isinstance(layer, _VDLayer) for _, layer in layers):
-        kinds = sorted({layer.method for _, layer in layers})
-        raise ValueError(f"log_alpha={log_alpha} applies to Sparse VD layers only, and this model has {kinds}; "
-                         "use threshold_(model) for each method's own criterion or sparsity=...")
+    if log_alpha is not None:
+        log_alpha = check_number(log_alpha, "log_alpha", low=0.0,
+                                 hint="Weights with log alpha >= threshold are pruned; the paper uses 3.0.")
+        if not any(layer.threshold_name == "log_alpha" for _, layer in layers):
+            kinds = sorted({layer.method for _, layer in layers})
+            raise ValueError(f"log_alpha={log_alpha} applies to methods whose threshold is a log alpha (Sparse VD), "
+                             f"and this model has {kinds}; use threshold_(model) for each method's own criterion, "
+                             "threshold=... or sparsity=...")
 
     masks: dict[str, Tensor] = {}
     if sparsity is not None and scope == "global":
@@ -111,7 +113,7 @@ def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity:
                              f"method; this model mixes {kinds}. Use scope='layer'")
         scores = [_score(layer) for _, layer in layers]
         flat = torch.cat([s.flatten() for s in scores])
-        keep = _top_k_mask(flat, flat.numel() - round(sparsity * flat.numel())).flatten()
+        keep = top_k_mask(flat, flat.numel() - round(sparsity * flat.numel())).flatten()
         offset = 0
         for (name, _), s in zip(layers, scores):
             masks[name] = keep[offset:offset + s.numel()].view_as(s)
@@ -120,15 +122,18 @@ def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity:
         for name, layer in layers:
             if sparsity is not None:
                 s = _score(layer)
-                masks[name] = _top_k_mask(s, s.numel() - round(sparsity * s.numel()))
+                masks[name] = top_k_mask(s, s.numel() - round(sparsity * s.numel()))
             else:
-                threshold = log_alpha if isinstance(layer, _VDLayer) else None
-                masks[name] = layer.criterion_mask(threshold).detach()
+                t = threshold
+                if log_alpha is not None:
+                    t = log_alpha if layer.threshold_name == "log_alpha" else None
+                with torch.no_grad():
+                    masks[name] = layer.criterion_mask(t).detach()
 
     densities: dict[str, float] = {}
     for name, layer in layers:
         mask = masks[name]
-        if bool(layer.mask_fixed):
+        if layer.mask_fixed:
             mask = mask & layer.weight_mask
         label = name or type(layer).__name__
         min_keep = math.ceil(min_density * mask.numel()) if min_density > 0 else 0
@@ -138,7 +143,7 @@ def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity:
             warnings.warn(f"layer {label!r} ({type(layer).__name__}) would keep {int(mask.sum())} of {mask.numel()} "
                           f"weights; min_density={min_density} keeps its {min_keep} best. Pass min_density=0 to "
                           f"allow it.", UserWarning, stacklevel=2)
-            mask = _top_k_mask(_score(layer), min_keep)
+            mask = top_k_mask(_score(layer), min_keep)
         layer.set_mask_(mask)
         densities[name] = layer.density
         if densities[name] == 0.0:
@@ -147,14 +152,6 @@ def threshold_(model: nn.Module, log_alpha: Optional[float] = None, *, sparsity:
                           UserWarning, stacklevel=2)
         logger.debug("threshold_: %s density %.4f", name, densities[name])
     return densities
-
-
-def sparsity_schedule(step: int, steps: int, final: float, start: float = 0.0) -> float:
-    """Cubic schedule of Zhu and Gupta (2017): ``final + (start - final)(1 - step/steps)^3`` for step 1..steps."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    frac = min(1.0, max(0.0, step / steps))
-    return final + (start - final) * (1.0 - frac) ** 3
 
 
 def iterative_magnitude_prune_(model: nn.Module, finetune: Callable[[nn.Module, int], None], final_sparsity: float,
@@ -180,8 +177,7 @@ def iterative_magnitude_prune_(model: nn.Module, finetune: Callable[[nn.Module, 
     References:
         Han et al. 2015 (iterative pruning and retraining); Zhu and Gupta 2017 (cubic schedule).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = check_positive_int(steps, "steps")
     final_sparsity = check_number(final_sparsity, "final_sparsity", low=0.0, high=1.0)
     if final_sparsity >= 1.0:
         raise ValueError(f"final_sparsity must be in [0, 1), got {final_sparsity}; 1.0 would prune every weight")

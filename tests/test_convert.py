@@ -207,7 +207,7 @@ def test_errors_list_what_was_found_and_supported():
     with pytest.raises(ValueError, match="exclude entry 'nothing' matches no module"):
         bs.sparsify(Zoo(), exclude=["nothing"])
     with pytest.raises(TypeError, match=r"method 'vd' has no option\(s\) \['dropout'\]; accepted: "
-                                        r"\['init_log_alpha_max', 'init_log_sigma2'\]"):
+                                        r"\['init_log_alpha_max', 'init_log_sigma2', 'warmup'\]"):
         bs.sparsify(Zoo(), dropout=0.5)
     with pytest.raises(TypeError, match=r"'bn' \(BatchNorm2d\) was explicitly included but method 'vd' has no "
                                         r"conversion for BatchNorm2d; supported: Linear"):

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from .._validation import check_module, check_number
 from ..layers.base import SUPPORTED_DENSE_TYPES, SparseLayer
-from ..layers.vd import _VDLayer
 from . import _bits
 from .dense import to_dense
 
@@ -133,10 +132,7 @@ def _crc(t: Tensor) -> int:
 
 
 def _posterior_std(layer: SparseLayer) -> Optional[Tensor]:
-    if isinstance(layer, _VDLayer):
-        with torch.no_grad():
-            return (torch.exp(0.5 * layer.log_alpha) * layer.weight.abs()).detach()
-    return None
+    return layer.posterior_std()
 
 
 def _auto_bits(values: np.ndarray, std: np.ndarray, tolerance: float) -> int:

@@ -1,46 +1,48 @@
-"""Drop-in sparse layers, one file per method family."""
+"""Sparsification methods, one file each; ``Method[nn.Linear]`` is a method's drop-in layer (cached)."""
 
-from .base import SparseLayer, sparse_layers
-from .l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
-from .l1 import L1Conv1d, L1Conv2d, L1Conv3d, L1Linear, proximal_step_
-from .ltp import LTPConv1d, LTPConv2d, LTPConv3d, LTPLinear, set_temperature_, temperature_schedule
-from .magnitude import MagnitudeConv1d, MagnitudeConv2d, MagnitudeConv3d, MagnitudeLinear
-from .vd import VDConv1d, VDConv2d, VDConv3d, VDLinear
+from .base import COMMON_OPTIONS, Option, SparseLayer, sparse_class, sparse_layers
+from .l0 import L0, L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
+from .l1 import L1, L1Conv1d, L1Conv2d, L1Conv3d, L1Linear, proximal_step_
+from .ltp import LTP, LTPConv1d, LTPConv2d, LTPConv3d, LTPLinear, set_temperature_, temperature_schedule
+from .magnitude import Magnitude, MagnitudeConv1d, MagnitudeConv2d, MagnitudeConv3d, MagnitudeLinear
+from .vd import VD, VDConv1d, VDConv2d, VDConv3d, VDLinear
 
-#: method name -> the sparse classes standing in for (Linear, Conv1d, Conv2d, Conv3d)
-FAMILIES = {
-    "l0": (L0Linear, L0Conv1d, L0Conv2d, L0Conv3d),
-    "l1": (L1Linear, L1Conv1d, L1Conv2d, L1Conv3d),
-    "ltp": (LTPLinear, LTPConv1d, LTPConv2d, LTPConv3d),
-    "magnitude": (MagnitudeLinear, MagnitudeConv1d, MagnitudeConv2d, MagnitudeConv3d),
-    "vd": (VDLinear, VDConv1d, VDConv2d, VDConv3d),
-}
+#: The methods this package ships, registered by :mod:`bayes_sparse.convert` at import.
+BUILTIN_METHODS = (VD, L0, LTP, L1, Magnitude)
 
 __all__ = [
-    "FAMILIES",
+    "BUILTIN_METHODS",
+    "COMMON_OPTIONS",
+    "L0",
     "L0Conv1d",
     "L0Conv2d",
     "L0Conv3d",
     "L0Linear",
+    "L1",
     "L1Conv1d",
     "L1Conv2d",
     "L1Conv3d",
     "L1Linear",
+    "LTP",
     "LTPConv1d",
     "LTPConv2d",
     "LTPConv3d",
     "LTPLinear",
+    "Magnitude",
     "MagnitudeConv1d",
     "MagnitudeConv2d",
     "MagnitudeConv3d",
     "MagnitudeLinear",
+    "Option",
     "SparseLayer",
+    "VD",
     "VDConv1d",
     "VDConv2d",
     "VDConv3d",
     "VDLinear",
     "proximal_step_",
     "set_temperature_",
+    "sparse_class",
     "sparse_layers",
     "temperature_schedule",
 ]

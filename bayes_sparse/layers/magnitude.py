@@ -1,69 +1,107 @@
-"""Magnitude pruning (Han et al. 2015): the baseline every comparison needs.
+"""Magnitude pruning (Han et al. 2015), the baseline every comparison needs: the method ``"magnitude"``.
 
 The layers train like plain torch layers (no penalty); thresholding ranks ``|w|``. Their own criterion is
 Han's per-layer threshold ``|w| > quality * std(w)``; most uses give a target sparsity instead, one-shot
-(``threshold_(model, sparsity=0.9)``) or iteratively with fine-tuning between steps
-(:func:`bayes_sparse.iterative_magnitude_prune_`).
+(``threshold_(model, sparsity=0.9)``), iteratively through the ``on_epoch_start`` hook (option
+``target_sparsity``: Zhu and Gupta's cubic schedule in ``rounds`` rounds between ``prune_start`` and
+``prune_end``, fine-tuning in between), or with :func:`bayes_sparse.iterative_magnitude_prune_`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .._validation import check_number
-from .base import HyperparameterState, SparseLayer
+from .._validation import check_number, check_positive_int
+from .base import COMMON_OPTIONS, Option, SparseLayer
 
-__all__ = ["MagnitudeConv1d", "MagnitudeConv2d", "MagnitudeConv3d", "MagnitudeLinear"]
+__all__ = ["Magnitude", "MagnitudeConv1d", "MagnitudeConv2d", "MagnitudeConv3d", "MagnitudeLinear",
+           "pruning_rounds", "sparsity_schedule"]
 
 DEFAULT_QUALITY = 1.0
 
 
-class _MagnitudeLayer(HyperparameterState, SparseLayer):
-    hyperparameters = ("quality",)
-    method = "magnitude"
-    criterion_in_eval = False
-
-    def _init_method_parameters(self) -> None:
-        self.quality = DEFAULT_QUALITY
-
-    @classmethod
-    def from_dense(cls, layer: nn.Module, *, quality: float = DEFAULT_QUALITY) -> "_MagnitudeLayer":
-        """Build the layer from a trained torch layer; ``quality`` (>= 0) sets Han's criterion.
-
-        References:
-            Han, Pool, Tran, Dally. Learning both Weights and Connections for Efficient Neural Networks. 2015.
-        """
-        new = cls._copy_from_dense(layer)
-        new.quality = check_number(quality, "quality", low=0.0)
-        return new
-
-    def keep_score(self) -> Tensor:
-        return self.weight.abs()
-
-    def criterion_mask(self, threshold: float | None = None) -> Tensor:
-        t = self.quality * float(self.weight.detach().std()) if threshold is None else threshold
-        return self.weight.abs() > t
-
-    def regularizer(self) -> Tensor:
-        return self.weight.new_zeros(())
+def sparsity_schedule(step: int, steps: int, final: float, start: float = 0.0) -> float:
+    """Cubic schedule of Zhu and Gupta (2017): ``final + (start - final)(1 - step/steps)^3`` for step 1..steps."""
+    steps = check_positive_int(steps, "steps")
+    frac = min(1.0, max(0.0, step / steps))
+    return final + (start - final) * (1.0 - frac) ** 3
 
 
-class MagnitudeLinear(_MagnitudeLayer, nn.Linear):
-    """Drop-in ``nn.Linear`` for magnitude pruning.
+def pruning_rounds(epochs: int, target: float, rounds: int, start: float, end: float) -> dict[int, float]:
+    """``{epoch: sparsity}`` of iterative pruning: ``rounds`` rounds evenly from ``start`` to before ``end``
+    (fractions of ``epochs``), each to the cubic schedule's target."""
+    first, last = int(start * epochs), int(end * epochs)
+    span = max(1, (last - first) // rounds)
+    return {min(epochs - 1, first + (k - 1) * span): sparsity_schedule(k, rounds, target) for k in range(1, rounds + 1)}
+
+
+def _check_target(v, n):
+    if v is None:
+        return None
+    v = check_number(v, n, low=0.0, high=1.0, hint="It is the final fraction of weights pruned, e.g. 0.95.")
+    if v >= 1.0:
+        raise ValueError(f"{n} must be in [0, 1), got {v}; 1.0 would prune every weight")
+    return v
+
+
+class Magnitude(SparseLayer):
+    """Magnitude pruning.
+
+    Options:
+        quality: Han's criterion ``|w| > quality * std(w)``, >= 0 (``threshold_(model, threshold=t)``
+            prunes ``|w| <= t`` instead).
+        target_sparsity: Final sparsity of iterative pruning run by ``on_epoch_start``, in [0, 1), or
+            ``None`` (default) for no schedule.
+        rounds: Number of pruning rounds (>= 1).
+        prune_start, prune_end: The rounds lie between these fractions of the epochs (default: the second
+            half of training, dense before).
+        warmup: See :data:`bayes_sparse.layers.base.COMMON_OPTIONS` (no effect: no regularizer).
 
     Example:
         >>> MagnitudeLinear(4, 2)(torch.randn(3, 4)).shape
         torch.Size([3, 2])
+
+    References:
+        Han, Pool, Tran, Dally. Learning both Weights and Connections for Efficient Neural Networks. 2015.
+        Zhu, Gupta. To prune, or not to prune. 2017 (cubic schedule).
     """
 
+    method = "magnitude"
+    criterion_in_eval = False
+    threshold_name = "magnitude"
+    threshold_low = 0.0
+    options = {
+        **COMMON_OPTIONS,
+        "quality": Option(DEFAULT_QUALITY, lambda v, n: check_number(v, n, low=0.0), "Han's quality parameter"),
+        "target_sparsity": Option(None, _check_target, "final sparsity of the iterative schedule"),
+        "rounds": Option(4, lambda v, n: check_positive_int(v, n), "pruning rounds"),
+        "prune_start": Option(0.5, lambda v, n: check_number(v, n, low=0.0, high=1.0), "first round (fraction)"),
+        "prune_end": Option(1.0, lambda v, n: check_number(v, n, low=0.0, high=1.0), "rounds end (fraction)"),
+    }
 
-class MagnitudeConv1d(_MagnitudeLayer, nn.Conv1d):
-    """Drop-in ``nn.Conv1d`` for magnitude pruning."""
+    def keep_score(self) -> Tensor:
+        return self.raw_weight.abs()
+
+    def criterion_mask(self, threshold: float | None = None) -> Tensor:
+        w = self.raw_weight
+        if threshold is None:
+            return w.abs() > self.quality * float(w.detach().std())
+        return w.abs() > self.check_threshold(threshold, 0.0)
+
+    def regularizer(self) -> Tensor:
+        return self.raw_weight.new_zeros(())
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Prune to the schedule's sparsity at the round epochs (when ``target_sparsity`` is set)."""
+        super().on_epoch_start(epoch, epochs)
+        if self.target_sparsity is None:
+            return
+        rounds = pruning_rounds(epochs, self.target_sparsity, self.rounds, self.prune_start, self.prune_end)
+        if epoch in rounds:
+            self.prune_to_(rounds[epoch])
 
 
-class MagnitudeConv2d(_MagnitudeLayer, nn.Conv2d):
-    """Drop-in ``nn.Conv2d`` for magnitude pruning."""
-
-
-class MagnitudeConv3d(_MagnitudeLayer, nn.Conv3d):
-    """Drop-in ``nn.Conv3d`` for magnitude pruning."""
+MagnitudeLinear = Magnitude[nn.Linear]
+MagnitudeConv1d = Magnitude[nn.Conv1d]
+MagnitudeConv2d = Magnitude[nn.Conv2d]
+MagnitudeConv3d = Magnitude[nn.Conv3d]

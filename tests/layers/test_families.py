@@ -64,7 +64,7 @@ def test_l0_gates_and_eval_weights():
     assert not torch.equal(outs[0], outs[1])  # stochastic gates in training
     gate = BF.hard_concrete_test_gate(layer.log_alpha)
     layer.eval()
-    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * gate, layer.bias))
+    torch.testing.assert_close(layer(x), F.linear(x, layer.raw_weight * gate, layer.bias))
     assert layer.density == pytest.approx((gate > 0).float().mean().item())
     # the penalty is lambda * expected L0 = lambda * sum P(gate != 0)
     torch.testing.assert_close(layer.regularizer(), 0.1 * BF.hard_concrete_prob_nonzero(layer.log_alpha).sum())
@@ -224,7 +224,7 @@ def test_l0_mask_never_keeps_a_gated_off_weight():
     assert d[""] == pytest.approx(0.04)  # only the four open gates can be kept
     assert int((layer.masked_weight() != 0).sum()) == 4
     assert bs.report(layer).nonzero == bs.report(bs.to_dense(layer)).nonzero == 4
-    with pytest.raises(ValueError, match="L0 layers .* take no threshold"):
+    with pytest.raises(ValueError, match="method 'l0' prunes by its own learned criterion and takes no threshold"):
         layer.criterion_mask(0.5)
 
 
@@ -249,7 +249,7 @@ def test_hyperparameters_travel_in_the_state_dict():
 
 
 def test_log_alpha_threshold_needs_vd_layers_and_dtype_of_empty_sums():
-    with pytest.raises(ValueError, match=r"log_alpha=5.0 applies to Sparse VD layers only, and this model has \['l1'\]"):
+    with pytest.raises(ValueError, match=r"log_alpha=5.0 applies to methods whose threshold is a log alpha \(Sparse VD\), and this model has \['l1'\]"):
         bs.threshold_(bs.L1Linear(10, 10), log_alpha=5.0)
     assert bs.kl(nn.Linear(2, 2).double()).dtype == torch.float64
 
