@@ -47,7 +47,7 @@ DEFAULTS = {
     "l0": {"penalty": 0.1},
     "ltp": {"penalty": 1.0, "temperature": 0.25},
     "l1": {"penalty": 2.0},
-    "magnitude": {},
+    "magnitude": {"target_sparsity": 0.95},
 }
 
 

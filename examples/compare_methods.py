@@ -2,8 +2,13 @@
 
 The method is picked by name; training, thresholding, export and the report stay the same:
 
-    net = bs.sparsify(lenet(), method=name, **options)
-    loss = F.cross_entropy(net(x), y) + kl_weight * bs.regularizer(net) / N     # KL or penalty
+    net = bs.sparsify(lenet(), method=name, warmup=(0, 0.5), **options)
+    for epoch in range(epochs):
+        bs.on_epoch_start(net, epoch, epochs)      # each method's schedule: warm-up, temperature, pruning rounds
+        for x, y in batches:
+            loss = F.cross_entropy(net(x), y) + bs.regularizer(net) / N             # KL or penalty
+            opt.zero_grad(); loss.backward(); opt.step()
+            bs.after_step(net, lr, N)              # e.g. the proximal L1 step
     bs.threshold_(net)                                                          # the method's own criterion
     original.load_state_dict(bs.to_dense(net).state_dict())
 
@@ -35,32 +40,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--net", choices=sorted(NETS), default="lenet300")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=["vd", "l0", "ltp", "l1", "magnitude"], choices=bs.methods())
-    p.add_argument("--sparsity", type=float, default=0.95, help="target of one-shot magnitude pruning")
     args = p.parse_args(argv)
     mnist = bs.data.load_mnist()
     n = mnist.x_train.shape[0]
     rows = []
+    lr = 1e-3
     for method in args.methods:
         torch.manual_seed(0)
-        net = build(args.net, method, dict(DEFAULTS[method]))
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        options = dict(DEFAULTS[method], warmup=(0.0, 0.5))  # the regularizer ramps in over the first half
+        net = build(args.net, method, options)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
         start = time.perf_counter()
         for epoch in tqdm(range(args.epochs), desc=method, unit="epoch"):
-            kl_weight = min(1.0, (epoch + 1) / max(1, args.epochs // 2))  # short warm-up
-            if method == "ltp":
-                bs.set_temperature_(net, bs.temperature_schedule(epoch, args.epochs))
+            bs.on_epoch_start(net, epoch, args.epochs)
             net.train()
             perm = torch.randperm(n)
             for i in range(0, n, 100):
                 idx = perm[i:i + 100]
-                loss = F.cross_entropy(net(mnist.x_train[idx]), mnist.y_train[idx]) + kl_weight * bs.regularizer(net) / n
+                loss = F.cross_entropy(net(mnist.x_train[idx]), mnist.y_train[idx]) + bs.regularizer(net) / n
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        if method == "magnitude":
-            bs.threshold_(net, sparsity=args.sparsity)  # one-shot; see iterative_magnitude_prune_ for the schedule
-        else:
-            bs.threshold_(net)
+                bs.after_step(net, lr, n)
+        bs.threshold_(net)  # each method's own criterion (magnitude: its target_sparsity)
         original = NETS[args.net]()
         original.load_state_dict(bs.to_dense(net).state_dict())
         rep = bs.report(original)

@@ -1,7 +1,8 @@
 """Magnitude pruning (Han et al. 2015), the baseline every comparison needs: the method ``"magnitude"``.
 
 The layers train like plain torch layers (no penalty); thresholding ranks ``|w|``. Their own criterion is
-Han's per-layer threshold ``|w| > quality * std(w)``; most uses give a target sparsity instead, one-shot
+Han's per-layer threshold ``|w| > quality * std(w)``, or the option ``target_sparsity`` when set; most
+uses give a target sparsity, one-shot
 (``threshold_(model, sparsity=0.9)``), iteratively through the ``on_epoch_start`` hook (option
 ``target_sparsity``: Zhu and Gupta's cubic schedule in ``rounds`` rounds between ``prune_start`` and
 ``prune_end``, fine-tuning in between), or with :func:`bayes_sparse.iterative_magnitude_prune_`.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .._validation import check_number, check_positive_int
-from .base import COMMON_OPTIONS, Option, SparseLayer
+from .base import COMMON_OPTIONS, Option, SparseLayer, top_k_mask
 
 __all__ = ["Magnitude", "MagnitudeConv1d", "MagnitudeConv2d", "MagnitudeConv3d", "MagnitudeLinear",
            "pruning_rounds", "sparsity_schedule"]
@@ -83,10 +84,17 @@ class Magnitude(SparseLayer):
         return self.raw_weight.abs()
 
     def criterion_mask(self, threshold: float | None = None) -> Tensor:
+        """``|w| > threshold``; by default the ``target_sparsity`` when one is set (the schedule's end point),
+        else Han's ``|w| > quality * std(w)``."""
         w = self.raw_weight
-        if threshold is None:
-            return w.abs() > self.quality * float(w.detach().std())
-        return w.abs() > self.check_threshold(threshold, 0.0)
+        if threshold is not None:
+            return w.abs() > self.check_threshold(threshold, 0.0)
+        if self.target_sparsity is not None:
+            score = self.keep_score().detach()
+            if self.mask_fixed:
+                score = score.masked_fill(~self.weight_mask, -1.0)
+            return top_k_mask(score, score.numel() - round(self.target_sparsity * score.numel()))
+        return w.abs() > self.quality * float(w.detach().std())
 
     def regularizer(self) -> Tensor:
         return self.raw_weight.new_zeros(())
