@@ -23,7 +23,7 @@ from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_each_, spar
 from .layers import BUILTIN_METHODS
 
 __all__ = ["ConversionReport", "conversion_report", "method_class", "methods", "register", "register_method",
-           "sparsify"]
+           "sparsify", "unregister_method"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,13 @@ def register_method(method: type[SparseLayer], dense_types: Optional[Iterable[ty
     for dense_type in dense_types or SUPPORTED_DENSE_TYPES:
         register(name, dense_type, sparse_class(method, dense_type))
     return method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method and all its conversions from the registry (layers already built keep working)."""
+    method_class(name)
+    del _METHODS[name]
+    _REGISTRY.pop(name, None)
 
 
 def method_class(name: str) -> type[SparseLayer]:

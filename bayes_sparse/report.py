@@ -121,10 +121,11 @@ def report(model: nn.Module, **extra: Any) -> SparsityReport:
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, SparseLayer):
-                nnz = int((m.hard_mask() & (m.weight != 0)).sum())
+                nnz = int((m.hard_mask() & (m.raw_weight != 0)).sum())
             elif isinstance(m, SUPPORTED_DENSE_TYPES):
                 nnz = int((m.weight != 0).sum())
             else:
                 continue
-            rows.append(LayerStats(name, type(m).__name__, tuple(m.weight.shape), m.weight.numel(), nnz))
+            w = m.raw_weight if isinstance(m, SparseLayer) else m.weight
+            rows.append(LayerStats(name, type(m).__name__, tuple(w.shape), w.numel(), nnz))
     return SparsityReport(tuple(rows), dict(extra))

@@ -60,8 +60,14 @@ class Saliency(bs.SparseLayer):
                 self.saliency.mul_(self.momentum).add_((1 - self.momentum) * g.abs())
 
 
-bs.register_method(Saliency)
 N = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    bs.register_method(Saliency)  # the one call that plugs the method into every consumer
+    yield
+    bs.convert.unregister_method("toy_saliency")
 
 
 def _data():

@@ -26,7 +26,7 @@ def test_masks_and_densities_follow_log_alpha(t):
     expected = {}
     for name, m in net.named_modules():
         if isinstance(m, bs.SparseLayer):
-            la = (m.log_sigma2 - torch.log(m.weight**2 + 1e-16)).clamp(-8, 8)
+            la = (m.log_sigma2 - torch.log(m.raw_weight**2 + 1e-16)).clamp(-8, 8)
             expected[name] = (la < (3.0 if t is None else t)).float().mean().item()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -9,10 +9,15 @@ its options (defaults and validation, :attr:`SparseLayer.options`), its paramete
 (method, torch layer) pair is generated on demand and cached, as ``PyroModule[nn.Linear]`` is:
 ``VD[nn.Linear]`` is the class ``VDLinear``, a subclass of both ``VD`` and ``nn.Linear``.
 
-Fixed masks reach every reader of a weight: on a sparse layer ``layer.weight`` is a read-only view
-computed from the stored parameter (``layer.raw_weight``): the masked (L0: gated) weight whenever a mask
-is in force, in every mode, so PyTorch's fused attention paths, ``F.linear(x, layer.weight)`` and a
-parent module's own forward see exactly what the layer computes with. The ``state_dict`` keeps the torch
+Masks, gates and noise reach every reader of a weight: on a sparse layer ``layer.weight`` is a read-only
+view computed from the stored parameter (``layer.raw_weight``): in eval the masked (L0: gated) weight the
+layer computes with, in training one draw of the method's stochastic weight (:meth:`SparseLayer.sample_weight`:
+Sparse VD's multiplicative noise, L0's sampled gates, LTP's soft mask, with the fixed mask). So PyTorch's
+fused attention paths, ``F.linear(x, layer.weight)`` and a parent module's own forward see what the
+method means, and train it, even where the layer's ``forward`` is never called (``forward`` itself uses
+the cheaper local reparameterization where the method has one). This is the route of
+``torch.nn.utils.parametrize`` (a property in a generated subclass), chosen over writing zeros into the
+weight because it also carries L0's gates, training noise and soft masks, and keeps parameter identity. The ``state_dict`` keeps the torch
 layer's keys (``weight`` is the raw parameter), plus the method's parameters, the ``weight_mask`` buffer
 and ``_extra_state`` (the method's name, its options and whether the mask is fixed: Python state, so
 ``forward`` has no control flow on tensors and compiles without graph breaks).
@@ -148,8 +153,6 @@ class SparseLayer:
     options: ClassVar[dict[str, Option]] = dict(COMMON_OPTIONS)
     #: Further plain attributes (besides the options) saved in the ``state_dict``.
     state_attributes: ClassVar[tuple[str, ...]] = ()
-    #: True when reading ``weight`` in training mode before a mask is fixed gives the raw parameter.
-    raw_weight_in_training: ClassVar[bool] = True
 
     def __class_getitem__(cls, dense_type: type) -> type:
         return sparse_class(cls, dense_type)
@@ -215,9 +218,15 @@ class SparseLayer:
     def after_step(self, lr: float, num_data: int) -> None:
         """Schedule hook run by :func:`bayes_sparse.after_step` after each optimizer step."""
 
+    def sample_weight(self) -> Tensor:
+        """One draw of the training-mode weight, for code that reads ``layer.weight`` instead of calling
+        ``forward`` (a parent's fused path, ``F.linear(x, layer.weight)``): the fixed mask applied, and the
+        method's noise, gates or soft mask. By default the raw weight with the fixed mask."""
+        return self._train_weight()
+
     def _forward_train(self, x: Tensor) -> Tensor:
-        """Training forward; by default the layer's own operation on the (fixed-mask) weight."""
-        return self._affine(x, self._train_weight(), self.bias)
+        """Training forward; by default the layer's own operation on :meth:`sample_weight`."""
+        return self._affine(x, self.sample_weight(), self.bias)
 
     # ----- helpers for methods ---------------------------------------------------------------------
     def check_threshold(self, threshold: Optional[float], default: float) -> float:
@@ -410,8 +419,8 @@ def _weight_view(self: SparseLayer) -> Tensor:
         raise AttributeError("weight")
     if not d.get("_sparse_ready", False) or d.get("_raw_access", False):
         return w
-    if not self.mask_fixed and (not self.criterion_in_eval or (self.training and self.raw_weight_in_training)):
-        return w
+    if self.training:
+        return self.sample_weight()
     return self.masked_weight()
 
 

@@ -48,7 +48,6 @@ class L0(SparseLayer):
     """
 
     method = "l0"
-    raw_weight_in_training = False  # readers of .weight always see the gated weight
     options = {
         **COMMON_OPTIONS,
         "penalty": Option(DEFAULT_L0_PENALTY,
@@ -93,8 +92,8 @@ class L0(SparseLayer):
     def regularizer(self) -> Tensor:
         return self.penalty * self._masked_sum(BF.hard_concrete_prob_nonzero(self.log_alpha))
 
-    def _forward_train(self, x: Tensor) -> Tensor:
-        return self._affine(x, self._train_weight() * self.gates().rsample(), self.bias)
+    def sample_weight(self) -> Tensor:
+        return self._train_weight() * self.gates().rsample()
 
 
 L0Linear = L0[nn.Linear]

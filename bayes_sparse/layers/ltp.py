@@ -128,8 +128,8 @@ class LTP(SparseLayer):
             self.start_temperature = self.temperature
         return self
 
-    def _forward_train(self, x: Tensor) -> Tensor:
-        return self._affine(x, self._train_weight() * self.soft_mask(), self.bias)
+    def sample_weight(self) -> Tensor:
+        return self._train_weight() * self.soft_mask()
 
 
 LTPLinear = LTP[nn.Linear]

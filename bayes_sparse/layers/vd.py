@@ -103,6 +103,11 @@ class VD(SparseLayer):
         """KL(q || log-uniform prior) of the kept weights (pruned weights are fixed at 0 and carry none)."""
         return self._masked_sum(BF.kl_log_uniform(self.log_alpha))
 
+    def sample_weight(self) -> Tensor:
+        """``theta + sqrt(alpha) |theta| eps``: one draw of the whole weight (readers outside ``forward``)."""
+        w = self._train_weight()
+        return w + torch.exp(0.5 * self.log_alpha) * w.abs() * torch.randn_like(w)
+
     def _forward_train(self, x: Tensor) -> Tensor:
         return BF.local_reparam(x, self._train_weight(), self.log_alpha, self.bias, self._affine)
 

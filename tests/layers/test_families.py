@@ -46,8 +46,8 @@ def test_kl_and_penalty_split_over_a_mixed_model():
                         bs.MagnitudeLinear(3, 2))
     kl = BF.kl_log_uniform(net[0].log_alpha).sum()
     pen = (0.1 * BF.hard_concrete_prob_nonzero(net[1].log_alpha).sum()
-           + 1e-3 * BF.soft_threshold_mask(net[2].weight, 1e-6 * net[2].weight.pow(2).mean(),
-                                            0.25 * net[2].weight.pow(2).mean()).sum()
+           + 1e-3 * BF.soft_threshold_mask(net[2].raw_weight, 1e-6 * net[2].raw_weight.pow(2).mean(),
+                                            0.25 * net[2].raw_weight.pow(2).mean()).sum()
            + 1.0 * net[3].weight.abs().sum())
     torch.testing.assert_close(bs.kl(net), kl)
     torch.testing.assert_close(bs.penalty(net), pen)
@@ -75,7 +75,7 @@ def test_l0_gates_and_eval_weights():
 
 def test_ltp_soft_mask_threshold_and_temperature():
     layer = bs.LTPLinear.from_dense(nn.Linear(30, 20), temperature=0.5, tau_init=0.3)
-    w2 = layer.weight.detach() ** 2
+    w2 = layer.raw_weight.detach() ** 2
     s2 = w2.mean()
     # the initial threshold is lowered below the smallest squared weight: nothing starts pruned
     torch.testing.assert_close(layer.tau.detach(), 0.5 * w2.min())

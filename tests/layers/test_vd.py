@@ -54,11 +54,11 @@ def test_from_dense_copies_weights_and_training_mean_matches(case):
     _, dense_cls, suffix, kwargs, shape = case
     dense = dense_cls(**kwargs).double()
     layer = _vd_class(suffix).from_dense(dense)
-    assert layer.weight.dtype == torch.float64 and torch.equal(layer.weight, dense.weight)
-    assert layer.weight.data_ptr() != dense.weight.data_ptr()
+    assert layer.raw_weight.dtype == torch.float64 and torch.equal(layer.raw_weight, dense.weight)
+    assert layer.raw_weight.data_ptr() != dense.weight.data_ptr()
     x = torch.randn(shape, dtype=torch.float64)
     # at log sigma^2 = -10 the noise is tiny: the training output is the dense output up to that noise
-    mean, var = BF.local_reparam_moments(x, layer.weight, layer.log_alpha, layer.bias, layer._affine)
+    mean, var = BF.local_reparam_moments(x, layer.raw_weight, layer.log_alpha, layer.bias, layer._affine)
     torch.testing.assert_close(mean, dense(x))
     torch.testing.assert_close(layer(x), dense(x), atol=6 * var.sqrt().max().item(), rtol=0)
     # nothing starts pruned: in eval the converted layer computes exactly what the dense one did
