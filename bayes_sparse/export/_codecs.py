@@ -73,7 +73,7 @@ def decompress(key: str, stored: Tensor, info: dict) -> Tensor:
     try:
         if codec == "zlib":
             d = zlib.decompressobj()
-            raw = d.decompress(data, raw_bytes)  # never more than the header announced
+            raw = d.decompress(data, max(raw_bytes, 1))  # never more than announced (0 would mean no limit)
         else:
             d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
             raw = d.decompress(data, max_length=raw_bytes)

@@ -108,15 +108,17 @@ _BOMBS = {"zlib": lambda b: zlib.compress(b, 1),  # any stream of the format's c
 
 
 @pytest.mark.parametrize("codec", ["zlib", "lzma"])
-@pytest.mark.parametrize("announced", [1, 1000])
+@pytest.mark.parametrize("announced", [0, 1, 1000])
 def test_a_bomb_yields_no_more_than_announced(codec, announced):
     bomb = _stored(_BOMBS[codec](b"\0" * (32 << 20)))  # 32 MiB of zeros in a few kB
     info = {"codec": codec, "raw_bytes": announced, "dtype": "uint8"}
     tracemalloc.start()
     try:
         back = _codecs.decompress("k", bomb, info)
-        peak = tracemalloc.get_traced_memory()[1]
+    except CorruptFileError:  # refusing is as good as stopping at the announced length
+        back = torch.zeros(announced, dtype=torch.uint8)
     finally:
+        peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert back.numel() == announced and not back.any()
     if codec == "zlib":  # (lzma's decoder allocates its 64 MiB dictionary whatever the output)
