@@ -66,6 +66,8 @@ def decode_header(text: str) -> Any:
         if d.unconsumed_tail or not d.eof:
             raise CorruptFileError("the header is truncated or larger than 16 MiB")
         return json.loads(raw.decode("utf-8"))
+    except CorruptFileError:  # a ValueError too: keep its message
+        raise
     except (ValueError, zlib.error, RecursionError, UnicodeDecodeError, TypeError) as e:
         raise CorruptFileError(f"the header cannot be decoded: {type(e).__name__}") from e
 
