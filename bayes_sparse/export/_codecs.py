@@ -36,7 +36,8 @@ def compress(stream: Tensor) -> tuple[Tensor, Optional[dict[str, Any]]]:
         ``(stored, info)``: ``stream`` itself and ``None`` when no codec makes it smaller, else a uint8 tensor
         of the compressed bytes and the header entry that undoes it (``codec``, ``raw_bytes``, ``dtype``).
     """
-    raw = stream.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    # (an empty tensor made from numpy has stride 0, which .view refuses)
+    raw = stream.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if stream.numel() else b""
     best: tuple[bytes, Optional[str]] = (raw, None)
     for name, fn in CODECS.items():
         packed = fn(raw)

@@ -15,7 +15,7 @@ _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]  
 
 
 def _bytes(t):
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def _streams(rng):
@@ -29,6 +29,7 @@ def _streams(rng):
         sparse[torch.from_numpy(rng.choice(n, size=max(1, n // 50), replace=False))] = 3
         out.append(sparse)
         out.append(torch.zeros(0, dtype=dtype))
+        out.append(torch.from_numpy(np.zeros(0, np.float32)).to(dtype))  # stride 0, as made from numpy
     return out
 
 
