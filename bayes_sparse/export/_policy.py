@@ -64,7 +64,8 @@ def sparse_weights(dense: nn.Module) -> dict[str, str]:
     Returns:
         State-dict key -> name of the module holding it.
     """
-    return {f"{n}.weight" if n else "weight": n for n, m in dense.named_modules() if isinstance(m, SUPPORTED_DENSE_TYPES)}
+    return {f"{n}.weight" if n else "weight": n for n, m in dense.named_modules()
+            if isinstance(m, SUPPORTED_DENSE_TYPES)}
 
 
 def auto_bits(values: np.ndarray, std: np.ndarray, tolerance: float) -> int:

@@ -96,7 +96,8 @@ def decode(key: str, e: dict, tensors: dict[str, Tensor], budget: list[int]) -> 
     try:
         shape = [int(s) for s in e["shape"]]
         if e["dtype"] not in WEIGHT_DTYPES:
-            raise CorruptFileError(f"tensor {key!r} has dtype {e['dtype']!r}; weights are one of {sorted(WEIGHT_DTYPES)}")
+            raise CorruptFileError(f"tensor {key!r} has dtype {e['dtype']!r}; weights are one of "
+                                   f"{sorted(WEIGHT_DTYPES)}")
         dtype = WEIGHT_DTYPES[e["dtype"]]
         numel = math.prod(shape)
         if any(s < 0 for s in shape):

@@ -87,7 +87,8 @@ class _MyLinear(nn.Linear):
 
 
 @pytest.mark.parametrize("module", [
-    _Custom(), _MyLinear(2, 2), nn.ModuleList([nn.Linear(2, 2)]), nn.LeakyReLU(), nn.Sequential(nn.Linear(2, 2), _Custom()),
+    _Custom(), _MyLinear(2, 2), nn.ModuleList([nn.Linear(2, 2)]), nn.LeakyReLU(),
+    nn.Sequential(nn.Linear(2, 2), _Custom()),
     nn.Sequential(nn.Sequential(nn.ELU())), bs.VDLinear(2, 2),
 ], ids=["custom", "subclass", "modulelist", "unlisted", "inside", "deep", "sparse"])
 def test_anything_else_is_not_described(module):
