@@ -1,6 +1,6 @@
 """Export of thresholded models: dense twins, sparse inference kernels, compressed files, ONNX."""
 
-from .dense import to_dense
+from .dense import dense_copy, to_dense
 from .fileformat import CorruptFileError, FileReport, load, load_state_dict, save
 from .kernels import KERNELS, SparseKernel, compile, kernel_report
 from .onnx import to_onnx
@@ -11,6 +11,7 @@ __all__ = [
     "KERNELS",
     "SparseKernel",
     "compile",
+    "dense_copy",
     "kernel_report",
     "load",
     "load_state_dict",

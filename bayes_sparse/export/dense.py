@@ -9,7 +9,7 @@ from torch import nn
 from .._validation import check_module
 from ..layers.base import SparseLayer, replace_each_, sparse_layers
 
-__all__ = ["to_dense"]
+__all__ = ["dense_copy", "to_dense"]
 
 
 def to_dense(model: nn.Module) -> nn.Module:
@@ -42,3 +42,29 @@ def to_dense(model: nn.Module) -> nn.Module:
     if isinstance(model, SparseLayer):
         return model.to_dense()
     return replace_each_(copy.deepcopy(model), lambda _, m: isinstance(m, SparseLayer), lambda _, m: m.to_dense())
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` made only of plain torch layers, whether or not it has sparse layers.
+
+    Args:
+        model: A thresholded sparse model or a plain model.
+
+    Returns:
+        :func:`to_dense` of ``model`` when it has sparse layers, else ``copy.deepcopy(model)``; ``model``
+        itself is not changed.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        RuntimeError: a sparse layer has no fixed mask yet (call ``threshold_`` first).
+
+    Example:
+        >>> plain = nn.Linear(4, 2)
+        >>> twin = dense_copy(plain)
+        >>> twin is not plain and twin.weight.equal(plain.weight)
+        True
+    """
+    check_module(model)
+    if any(isinstance(m, SparseLayer) for m in model.modules()):
+        return to_dense(model)
+    return copy.deepcopy(model)

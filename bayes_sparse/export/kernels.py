@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .._validation import check_module, check_number
 from ..layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_each_
 from . import _csrkernel
-from .dense import to_dense
+from .dense import dense_copy
 
 __all__ = ["KERNELS", "SparseKernel", "compile", "kernel_report"]
 
@@ -190,7 +190,7 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
     for name, v in (("batch_size", batch_size), ("threads", threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    dense = to_dense(model) if any(isinstance(m, SparseLayer) for m in model.modules()) else copy.deepcopy(model)
+    dense = dense_copy(model)
     dense.eval()
     layers = [(n, m) for n, m in dense.named_modules(remove_duplicate=False) if isinstance(m, SUPPORTED_DENSE_TYPES)]
     inputs: dict[str, Tensor] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Union
 
@@ -10,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_module
-from ..layers.base import SparseLayer
-from .dense import to_dense
+from .dense import dense_copy
 
 __all__ = ["to_onnx"]
 
@@ -29,7 +27,7 @@ def to_onnx(model: nn.Module, example_input: Tensor, path: Union[str, os.PathLik
         ImportError: the ``onnx``/``onnxscript`` packages are missing (``pip install bayes_sparse[onnx]``).
     """
     check_module(model)
-    dense = to_dense(model) if any(isinstance(m, SparseLayer) for m in model.modules()) else copy.deepcopy(model)
+    dense = dense_copy(model)
     dense = dense.eval()  # a copy: the caller's model keeps its mode
     try:
         import onnx  # noqa: F401

@@ -73,3 +73,30 @@ def test_report_of_export_equals_report_of_sparse_model():
     bs.threshold_(net)
     a, b = bs.report(net), bs.report(bs.to_dense(net))
     assert [(r.name, r.weights, r.nonzero) for r in a.layers] == [(r.name, r.weights, r.nonzero) for r in b.layers]
+
+
+def test_dense_copy_of_a_sparse_model_is_its_dense_export():
+    net = _sparse_net()
+    bs.threshold_(net)
+    copy = bs.export.dense_copy(net)
+    assert [type(m) for m in copy.modules()] == [type(m) for m in Net().modules()]
+    reference = bs.to_dense(net).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in copy.state_dict().items())
+    assert any(isinstance(m, bs.SparseLayer) for m in net.modules())  # the model is untouched
+
+
+def test_dense_copy_of_a_plain_model_is_an_independent_copy():
+    net = Net()
+    copy = bs.export.dense_copy(net)
+    assert copy is not net and repr(copy) == repr(net)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in copy.state_dict().items())
+    with torch.no_grad():
+        copy.head["fc"].weight.zero_()
+    assert net.head["fc"].weight.any()
+
+
+def test_dense_copy_needs_a_thresholded_module():
+    with pytest.raises(RuntimeError, match="call bayes_sparse.threshold_"):
+        bs.export.dense_copy(_sparse_net())
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        bs.export.dense_copy("net")

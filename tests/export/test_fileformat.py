@@ -275,3 +275,15 @@ def test_bfloat16_models_save(tmp_path):
     bs.export.save(net, tmp_path / "b.safetensors")
     back = bs.export.load(tmp_path / "b.safetensors")
     assert back[0].weight.dtype == torch.bfloat16 and torch.equal(back[0].weight, net[0].weight)
+
+
+@pytest.mark.parametrize("values", ["float32", 4])
+def test_an_all_zero_weight_saves_and_loads(tmp_path, values):
+    net = nn.Sequential(nn.Linear(6, 3), nn.Linear(3, 300))  # a layer pruned away entirely, small and large
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[1].weight.zero_()
+    bs.export.save(net, tmp_path / "z.safetensors", values=values)
+    back = bs.export.load(tmp_path / "z.safetensors")
+    assert not back[0].weight.any() and not back[1].weight.any()
+    assert back[0].weight.shape == (3, 6) and back[1].weight.shape == (300, 3)

@@ -1,0 +1,134 @@
+"""Byte codecs: every stream comes back byte for byte, the smallest form is kept, and decompression of
+untrusted streams never yields more than was announced."""
+
+import lzma
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from bayes_sparse.export import CorruptFileError, _codecs
+
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]  # the format's, spelled out
+
+
+def _bytes(t):
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _streams(rng):
+    """Random and repetitive streams of every stream dtype, and empty ones."""
+    out = []
+    for dtype in (torch.uint8, torch.int32, torch.float32, torch.float16, torch.bfloat16):
+        n = int(rng.integers(1, 3000))
+        noise = torch.from_numpy(rng.integers(0, 256, n * 4, dtype=np.uint8)).view(torch.int32).to(dtype)
+        out.append(noise[:n].contiguous())
+        sparse = torch.zeros(n, dtype=dtype)
+        sparse[torch.from_numpy(rng.choice(n, size=max(1, n // 50), replace=False))] = 3
+        out.append(sparse)
+        out.append(torch.zeros(0, dtype=dtype))
+        out.append(torch.from_numpy(np.zeros(0, np.float32)).to(dtype))  # stride 0, as made from numpy
+    return out
+
+
+def test_round_trip_of_random_streams_keeps_the_smallest_form():
+    rng = np.random.default_rng(0)
+    for stream in _streams(rng):
+        raw = _bytes(stream)
+        stored, info = _codecs.compress(stream)
+        sizes = {None: len(raw), "zlib": len(zlib.compress(raw, 9)),
+                 "lzma": len(lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))}
+        assert stored.numel() * stored.element_size() == min(sizes.values())
+        if info is None:  # nothing beat the raw bytes: the stream itself is stored
+            assert stored is stream and sizes[None] <= min(sizes["zlib"], sizes["lzma"])
+            continue
+        assert stored.dtype == torch.uint8 and sizes[info["codec"]] == min(sizes.values()) < sizes[None]
+        assert info["raw_bytes"] == len(raw) and info["dtype"] == str(stream.dtype)[6:]
+        back = _codecs.decompress("k", stored, info)
+        assert back.dtype == stream.dtype and _bytes(back) == raw
+
+
+def test_incompressible_and_repetitive_streams():
+    noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8))
+    assert _codecs.compress(noise)[1] is None
+    stored, info = _codecs.compress(torch.zeros(4096, dtype=torch.int32))
+    assert info["raw_bytes"] == 16384 and stored.numel() < 100
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzma"])
+def test_each_codec_decodes_its_own_output(codec):
+    stream = torch.arange(1000, dtype=torch.int32) % 7
+    raw = _bytes(stream)
+    packed = _codecs.CODECS[codec](raw)
+    back = _codecs.decompress("k", torch.frombuffer(bytearray(packed), dtype=torch.uint8),
+                              {"codec": codec, "raw_bytes": len(raw), "dtype": "int32"})
+    assert torch.equal(back, stream)
+
+
+def _stored(payload):
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("info,msg", [
+    ({"codec": "gzip", "raw_bytes": 8, "dtype": "uint8"}, "unknown codec 'gzip'"),
+    ({"codec": "zlib", "raw_bytes": 8, "dtype": "int64"}, "dtype 'int64'"),
+    ({"codec": "zlib", "raw_bytes": -1, "dtype": "uint8"}, "unknown codec"),
+], ids=["codec", "dtype", "negative"])
+def test_refuses_unknown_codecs_dtypes_and_sizes(info, msg):
+    with pytest.raises(CorruptFileError, match=msg):
+        _codecs.decompress("k", _stored(zlib.compress(b"\1" * 8)), info)
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzma"])
+def test_stops_at_the_announced_length(codec):
+    packed = _codecs.CODECS[codec](bytes(range(8)))
+    back = _codecs.decompress("k", _stored(packed), {"codec": codec, "raw_bytes": 5, "dtype": "uint8"})
+    assert back.tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzma"])
+def test_refuses_garbage_and_wrong_lengths(codec):
+    raw = bytes(range(64)) * 4
+    packed = _codecs.CODECS[codec](raw)
+    with pytest.raises(CorruptFileError, match="does not decompress|decompresses to"):
+        _codecs.decompress("k", _stored(b"\xff\x00garbage" * 3), {"codec": codec, "raw_bytes": 10, "dtype": "uint8"})
+    with pytest.raises(CorruptFileError, match=r"decompresses to 256 bytes, the header says 300"):
+        _codecs.decompress("k", _stored(packed), {"codec": codec, "raw_bytes": 300, "dtype": "uint8"})
+    with pytest.raises(CorruptFileError, match="decompresses to"):  # 6 bytes is no whole number of int32
+        _codecs.decompress("k", _stored(packed), {"codec": codec, "raw_bytes": 6, "dtype": "int32"})
+    with pytest.raises(CorruptFileError, match="does not decompress|decompresses to"):  # truncated stream
+        _codecs.decompress("k", _stored(packed[: len(packed) // 2]), {"codec": codec, "raw_bytes": 256,
+                                                                      "dtype": "uint8"})
+
+
+_BOMBS = {"zlib": lambda b: zlib.compress(b, 1),  # any stream of the format's codecs, made fast
+          "lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_RAW,
+                                          filters=[{"id": lzma.FILTER_LZMA2, "preset": 0}])}
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzma"])
+@pytest.mark.parametrize("announced", [0, 1, 1000])
+def test_a_bomb_yields_no_more_than_announced(codec, announced):
+    bomb = _stored(_BOMBS[codec](b"\0" * (32 << 20)))  # 32 MiB of zeros in a few kB
+    info = {"codec": codec, "raw_bytes": announced, "dtype": "uint8"}
+    tracemalloc.start()
+    try:
+        back = _codecs.decompress("k", bomb, info)
+    except CorruptFileError:  # refusing is as good as stopping at the announced length
+        back = torch.zeros(announced, dtype=torch.uint8)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert back.numel() == announced and not back.any()
+    if codec == "zlib":  # (lzma's decoder allocates its 64 MiB dictionary whatever the output)
+        assert peak < 1 << 20, f"{peak} bytes allocated to decompress {announced}"
+
+
+def test_malformed_info_is_left_to_the_caller():
+    # the container turns these into CorruptFileError("... cannot be decoded: KeyError ...")
+    with pytest.raises(KeyError):
+        _codecs.decompress("k", _stored(b"x"), {"codec": "zlib"})
+    with pytest.raises(ValueError):
+        _codecs.decompress("k", _stored(b"x"), {"codec": "zlib", "raw_bytes": "many", "dtype": "uint8"})
