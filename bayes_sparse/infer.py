@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 from tqdm.auto import tqdm
 
+from . import schedule
 from ._validation import check_module, check_number, check_positive_int
 from .layers.base import SparseLayer
 from .likelihoods import LIKELIHOODS, Gaussian, as_likelihood
@@ -371,10 +372,24 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
             progress: bool = True, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
             on_epoch_start: Optional[Callable[[int], None]] = None,
             on_step_end: Optional[Callable[[float], None]] = None) -> list[dict]:
-    """Train ``model.net`` with ``pyro.infer.SVI`` and ``Trace_ELBO`` (Adam, per-epoch schedules).
+    """Train an :class:`SVIModel` with ``pyro.infer.SVI`` and ``Trace_ELBO`` (Adam, per-epoch schedules).
+
+    Before each epoch it sets ``model.kl_weight`` (KL warm-up) and runs the sparse layers' schedule hooks with
+    :func:`bayes_sparse.schedule.on_epoch_start`; after each SVI step it runs
+    :func:`bayes_sparse.schedule.after_step` with the step's learning rate (proximal L1 steps, LTP
+    temperature, magnitude pruning rounds live in those hooks). A plain loop does the same::
+
+        elbo = pyro.infer.Trace_ELBO()(model, model.guide)
+        opt = torch.optim.Adam(elbo.parameters(), lr=lr)
+        for epoch in range(epochs):
+            model.kl_weight = kl_warmup_weight(epoch)
+            bs.schedule.on_epoch_start(model.net, epoch, epochs)
+            for x, y in loader:
+                opt.zero_grad(); elbo(x, y).backward(); opt.step()
+                bs.schedule.after_step(model.net, lr, model.num_data)
 
     Args:
-        model: The :class:`SVIModel`.
+        model: The :class:`SVIModel`; it is put in training mode.
         batches: Called once per epoch; returns an iterable of ``(x, y)`` minibatches (e.g. a DataLoader's
             ``__iter__`` or a function that shuffles tensors).
         epochs: Number of passes.
@@ -383,39 +398,62 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
         lr_lambda: Epoch -> learning-rate factor; default :func:`flat_then_linear_decay`.
         progress: Show a tqdm bar.
         on_epoch_end: Called as ``on_epoch_end(epoch, stats)`` after each epoch.
-        on_epoch_start: Called as ``on_epoch_start(epoch)`` (e.g. to anneal an LTP temperature).
-        on_step_end: Called as ``on_step_end(lr)`` after each SVI step with the current learning rate
-            (e.g. ``lambda lr: bs.proximal_step_(net, lr, N)`` for proximal L1).
+        on_epoch_start: Called as ``on_epoch_start(epoch)`` after the schedule hooks, before each epoch.
+        on_step_end: Called as ``on_step_end(lr)`` after each SVI step and its schedule hooks, with the
+            step's learning rate.
 
     Returns:
         One dict per epoch with ``epoch``, ``loss`` (mean negative ELBO per example), ``kl_weight``, ``lr``.
+
+    Raises:
+        TypeError: ``model`` is not an :class:`SVIModel` or ``batches`` is not callable.
+        ValueError: bad ``epochs``/``lr``, ``batches()`` yielded nothing, or an empty minibatch.
+        FloatingPointError: the loss of a step is NaN or infinite (the message names epoch and step).
+        RuntimeError: a schedule hook failed (the message names the layer and the hook).
+
+    Example:
+        >>> import bayes_sparse as bs
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+        >>> model = bs.SVIModel(torch.nn.Sequential(bs.VDLinear(4, 2)), num_data=64)
+        >>> history = fit_svi(model, lambda: [(x[:32], y[:32]), (x[32:], y[32:])], epochs=2, progress=False)
+        >>> len(history)
+        2
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if not isinstance(model, SVIModel):
+        raise TypeError(f"model must be a bayes_sparse.SVIModel, got {type(model).__name__}; wrap the network: "
+                        "SVIModel(net, num_data=N)")
+    if not callable(batches):
+        raise TypeError(f"batches must be a callable returning an iterable of (x, y) minibatches, got "
+                        f"{type(batches).__name__}; pass e.g. lambda: iter(loader)")
+    epochs = check_positive_int(epochs, "epochs")
     lr = check_number(lr, "lr", low=0.0, low_inclusive=False)
     lr_lambda = lr_lambda or flat_then_linear_decay(epochs)
     scheduler = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": lr}, "lr_lambda": lr_lambda})
     svi = pyro.infer.SVI(model, model.guide, scheduler, loss=pyro.infer.Trace_ELBO())
-    model.net.train()
+    model.train()
     history = []
     bar = tqdm(range(epochs), desc="SVI", unit="epoch", disable=not progress)
     for epoch in bar:
         model.kl_weight = kl_warmup_weight(epoch, *kl_warmup)
+        schedule.on_epoch_start(model.net, epoch, epochs)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         current_lr = lr * lr_lambda(epoch)
         total, count = 0.0, 0
         for x, y in batches():
-            total += svi.step(x, y)
+            loss = svi.step(x, y)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} at epoch {epoch}, step {count}; lower the "
+                                         f"learning rate (lr={lr}) or check the data for NaN/inf")
+            total += loss
             count += 1
+            schedule.after_step(model.net, current_lr, model.num_data)
             if on_step_end is not None:
                 on_step_end(current_lr)
         if count == 0:
             raise ValueError("batches() yielded no minibatch; check the data loader")
         stats = {"epoch": epoch, "loss": total / count / model.num_data, "kl_weight": model.kl_weight,
                  "lr": current_lr}
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"the loss became {stats['loss']} at epoch {epoch}; lower the learning rate")
         scheduler.step()
         history.append(stats)
         if on_epoch_end is not None:

@@ -396,13 +396,45 @@ def test_sampling_mode_restores_modes_on_error():
     assert [m.training for m in net] == [True, False, True] and net.training
 
 
-# ----- errors -----------------------------------------------------------------------------------------------
+# ----- fit_svi: schedule hooks, errors ---------------------------------------------------------------------
 
 
-def test_empty_minibatch_and_bad_models_give_clear_errors():
+class _RecordingVD(bs.VDLinear):
+    calls: list = []
+
+    def on_epoch_start(self, epoch, epochs):
+        self.calls.append(("epoch", epoch, epochs))
+
+    def after_step(self, lr, num_data):
+        self.calls.append(("step", lr, num_data))
+
+
+def test_fit_svi_runs_the_schedule_hooks_before_the_user_callbacks():
+    calls = _RecordingVD.calls = []
+    net = nn.Sequential(_RecordingVD(3, 2))
+    model = bs.SVIModel(net, num_data=40)
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    bs.fit_svi(model, lambda: [(x[:20], y[:20]), (x[20:], y[20:])], epochs=2, lr=0.1, lr_lambda=lambda e: 1 / (e + 1),
+               progress=False, on_epoch_start=lambda e: calls.append(("user epoch", e)),
+               on_step_end=lambda lr: calls.append(("user step", lr)))
+    assert calls == [("epoch", 0, 2), ("user epoch", 0), ("step", 0.1, 40), ("user step", 0.1),
+                     ("step", 0.1, 40), ("user step", 0.1),
+                     ("epoch", 1, 2), ("user epoch", 1), ("step", 0.05, 40), ("user step", 0.05),
+                     ("step", 0.05, 40), ("user step", 0.05)]
+
+
+def test_empty_minibatch_and_non_finite_loss_give_clear_errors():
     model = bs.SVIModel(nn.Sequential(bs.VDLinear(3, 2)), 10)
     with pytest.raises(ValueError, match=r"the minibatch is empty \(x has shape \(0, 3\)\)"):
         model(torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="the minibatch is empty"):
+        bs.fit_svi(model, lambda: [(torch.randn(0, 3), torch.zeros(0, dtype=torch.long))], epochs=1, progress=False)
+    reg = bs.SVIModel(nn.Sequential(bs.VDLinear(3, 1)), 10, likelihood="gaussian", obs_scale=1.0)
+    x, y = torch.randn(4, 3), torch.full((4, 1), 1e30)  # (y - mean)^2 overflows float32
+    with pytest.raises(FloatingPointError, match=r"the loss became inf at epoch 0, step 0; lower the learning rate"):
+        bs.fit_svi(reg, lambda: [(x, y)], epochs=1, progress=False)
+    with pytest.raises(TypeError, match="model must be a bayes_sparse.SVIModel, got Sequential"):
+        bs.fit_svi(nn.Sequential(bs.VDLinear(3, 2)), lambda: [], epochs=1)
     with pytest.raises(TypeError, match="net is a PyroModule"):
         bs.SVIModel(pyro.nn.PyroModule[nn.Linear](3, 2), 10)
     with pytest.raises(ValueError, match=r"name must be a non-empty str without '\$\$\$'"):
