@@ -1,56 +1,161 @@
-"""Training with Pyro SVI: the Pyro model for a network with sparse layers, KL warm-up, a fit loop.
+"""Training with Pyro: the Pyro model of a network with sparse layers, posterior predictive sampling, a fit loop.
 
 The ELBO of a network with Sparse VD layers is
 
     ELBO = (N / B) * sum_{i in batch} log p(y_i | x_i, w) - sum_layers KL(q(w) || p(w)),
 
-where the expectation over ``w`` is estimated by the layers' local reparameterization. In the Pyro model
-the likelihood sits inside ``pyro.plate("data", size=N, subsample_size=B)`` (Pyro applies the N/B scale)
-and the KL (plus the penalties of non-Bayesian layers: L0, LTP, L1) enters as
-``pyro.factor("regularizer", -regularizer(net))``. The variational parameters are ordinary module
-parameters registered with ``pyro.module``, so the guide has no sample sites.
+where the expectation over ``w`` is estimated by the layers' local reparameterization (their training-mode
+forward). In the Pyro model the likelihood sits inside ``pyro.plate("data", size=N, subsample_size=B)``
+(Pyro applies the N/B scale) and the KL (plus the penalties of non-Bayesian layers: L0, LTP, L1) enters as
+``pyro.factor("regularizer", -regularizer(net))`` under ``pyro.poutine.scale(scale=kl_weight)``. The
+variational parameters are ordinary module parameters, so the guide has no sample sites.
+
+How the parameters reach Pyro
+-----------------------------
+:class:`SVIModel` is a :class:`~pyro.nn.PyroModule` that owns the network and the likelihood as ordinary
+submodules, so ``model.parameters()`` and ``model.state_dict()`` hold everything that is learned (the
+learned Gaussian noise scale included), exactly as in PyTorch. The module is the single owner of its
+tensors: each call of the model records one ``param`` site per trainable parameter whose value is an alias
+of the module's own tensor (``.unconstrained()`` gives the tensor back) and names that tensor in Pyro's
+global param store, under the names ``pyro.module`` would use (``"net$$$0.weight"``,
+``"net.likelihood$$$log_scale"``). Hence:
+
+* ``pyro.infer.SVI`` with any ``pyro.optim`` optimizer finds and steps the module's tensors through the
+  trace, and ``PyroOptim.get_state``/``set_state`` checkpoints keep their usual parameter names;
+* ``torch.optim`` over ``pyro.infer.Trace_ELBO()(model, model.guide).parameters()`` (Pyro's recipe for
+  Lightning and plain PyTorch loops) trains the same tensors, since the ELBO module holds the model;
+* two models in one process never share or overwrite each other's tensors, even under the same name:
+  the store entry always points at the tensor of the model that ran last, and nothing is read back from it;
+* no weak reference is attached to the network's parameters, so ``pickle``/``copy.deepcopy`` of the
+  network work after training.
+
+The alternatives were rejected: ``pyro.module(name, net)`` and a plain ``PyroModule`` attribute (global
+mode) let the param store win, so a second model with the same names silently trains the first one's
+stale tensors (and Pyro's weak references on the parameters make the network unpicklable);
+``to_pyro_module_(net)`` converts the user's network in place and has the same store-wins rule; Pyro's
+``module_local_params=True`` setting is process-wide, must precede the model's construction, and its param
+sites carry no ``.unconstrained()``, so ``SVI`` with a ``pyro.optim`` optimizer fails on them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Callable, Iterable, Optional
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.nn import PyroModule
+from pyro.params.param_store import param_with_module_name
+from pyro.poutine.runtime import effectful
 from torch import Tensor, nn
 from torch.distributions import constraints
 from tqdm.auto import tqdm
 
-from ._validation import check_module, check_number
+from . import schedule
+from ._validation import check_module, check_number, check_positive_int
+from .layers.base import SparseLayer
+from .likelihoods import LIKELIHOODS, Gaussian, as_likelihood
 from .objectives import regularizer
 
-__all__ = ["LIKELIHOODS", "SVIModel", "error_rate", "fit_svi", "flat_then_linear_decay", "kl_warmup_weight"]
+__all__ = ["LIKELIHOODS", "SVIModel", "error_rate", "fit_svi", "flat_then_linear_decay", "kl_warmup_weight",
+           "sampling_mode"]
 
 logger = logging.getLogger(__name__)
 
-#: Likelihoods :class:`SVIModel` knows.
-LIKELIHOODS = ("categorical", "gaussian")
+
+def _alias_of_own_param(name: str, param: nn.Parameter, constraint: constraints.Constraint = constraints.real,
+                        event_dim: Optional[int] = None) -> Tensor:
+    """Name ``param`` in the global param store (this tensor wins) and return an alias of it for the trace.
+
+    Same signature and bookkeeping as ``ParamStoreDict.get_param`` / ``PyroModule`` (pyro/nn/module.py writes
+    the store's dicts the same way); ``ParamStoreDict.__setitem__`` is not used because it would copy a
+    non-contiguous tensor and set ``requires_grad`` on a frozen one. The previous tensor under ``name``
+    keeps its reverse entry, so another model's ``pyro.optim`` state can still be saved by name. The weak
+    reference goes on the alias, never on ``param`` (a weakref attribute makes ``pickle`` fail).
+    """
+    store = pyro.get_param_store()
+    if store._params.get(name) is not param:
+        store._params[name] = param
+        store._param_to_name[param] = name
+        store._constraints[name] = constraints.real
+    alias = param.view_as(param)
+    alias.unconstrained = weakref.ref(param)  # what SVI.step and JitTrace_ELBO read
+    return alias
 
 
-class SVIModel:
-    """Pyro model (and empty guide) for a network whose sparse layers carry a KL term.
+_own_param = effectful(_alias_of_own_param, type="param")
 
-    Call it with a minibatch ``(x, y)`` drawn from a training set of ``num_data`` examples.
+
+@contextlib.contextmanager
+def sampling_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: the sparse layers draw weight noise, every other module evaluates.
+
+    Inside it, every :class:`~bayes_sparse.SparseLayer` of ``model`` is in training mode (its forward samples
+    from the posterior, e.g. Sparse VD's local reparameterization) and every other module (BatchNorm,
+    Dropout, ...) in eval mode, so forward passes are posterior samples that leave every buffer (BatchNorm
+    running statistics included) untouched. Each module's ``training`` flag is restored on exit, whatever
+    it was, also when the body raises.
 
     Args:
-        net: The network (any mix of sparse and dense layers). Its parameters are registered as
-            ``pyro.module(name, net)``.
+        model: Any module.
+
+    Yields:
+        ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> import bayes_sparse as bs
+        >>> net = torch.nn.Sequential(bs.VDLinear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+        >>> with sampling_mode(net):
+        ...     draws = torch.stack([net(torch.ones(2, 4)) for _ in range(10)])
+        >>> net.training, net[0].training
+        (False, False)
+    """
+    check_module(model)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in modes:
+            m.training = isinstance(m, SparseLayer)
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class SVIModel(PyroModule):
+    """Pyro model (and empty guide) for a network whose sparse layers carry a KL term.
+
+    Call it with a minibatch ``(x, y)`` drawn from a training set of ``num_data`` examples; with ``y=None``
+    it draws posterior predictive samples (see :meth:`predictive`). The network and the likelihood are
+    submodules, so ``parameters()``, ``state_dict()``, ``.to()`` and ``train()``/``eval()`` cover both; see
+    the module docstring (:mod:`bayes_sparse.infer`) for how their parameters reach Pyro.
+
+    Args:
+        net: The network (any mix of sparse and dense layers), a plain ``nn.Module``; it is not converted.
         num_data: Size N of the training set, for the N/B minibatch scale.
-        likelihood: ``"categorical"`` (``net`` returns logits, ``y`` holds integer labels) or
-            ``"gaussian"`` (``net`` returns means shaped like ``y``).
-        obs_scale: Standard deviation of the Gaussian likelihood; ``None`` learns it as a Pyro param.
-        name: Prefix of the Pyro parameter names.
+        likelihood: ``"categorical"`` (``net`` returns logits, ``y`` holds integer labels), ``"gaussian"``
+            (``net`` returns means shaped like ``y``), or a likelihood object: a
+            :class:`bayes_sparse.likelihoods.Likelihood`, any ``nn.Module`` or callable mapping the network
+            output to a Pyro distribution with ``batch_shape == (batch,)``.
+        obs_scale: Only with ``"gaussian"``: the noise standard deviation; ``None`` learns it (a parameter of
+            ``model.likelihood``, in ``state_dict`` as ``likelihood.log_scale``).
+        name: Prefix of the names under which the parameters appear in Pyro's param store.
 
     Attributes:
-        kl_weight: Multiplier of the KL/penalty term (set it for KL warm-up; 1.0 gives the true ELBO).
+        net: The network.
+        likelihood: The likelihood module.
+        num_data: The training set size N.
+        kl_weight: Weight of the KL/penalty term (set it for KL warm-up; 1.0 gives the true ELBO).
+
+    Raises:
+        TypeError: ``net`` is not an ``nn.Module`` or is a ``PyroModule``; ``likelihood`` is not usable.
+        ValueError: bad ``num_data``, ``obs_scale``, ``name`` or likelihood name.
 
     Example:
         >>> import bayes_sparse as bs, pyro
@@ -58,89 +163,177 @@ class SVIModel:
         >>> model = SVIModel(net, num_data=100)
         >>> svi = pyro.infer.SVI(model, model.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
         >>> loss = svi.step(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+        >>> # or a plain torch loop (Pyro's Lightning recipe):
+        >>> elbo = pyro.infer.Trace_ELBO()(model, model.guide)
+        >>> opt = torch.optim.Adam(elbo.parameters(), lr=1e-3)
+        >>> loss = elbo(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+        >>> opt.zero_grad(); loss.backward(); opt.step()
 
     References:
         Molchanov, Ashukha, Vetrov 2017, Eq. 3 and 14; Pyro's SVI tutorial part II (subsampling).
     """
 
-    def __init__(self, net: nn.Module, num_data: int, likelihood: str = "categorical",
+    def __init__(self, net: nn.Module, num_data: int,
+                 likelihood: Union[str, nn.Module, Callable[[Tensor], dist.Distribution]] = "categorical",
                  obs_scale: Optional[float] = None, name: str = "net") -> None:
-        self.net = check_module(net, "net")
-        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
-            raise ValueError(f"num_data must be a positive int (the training set size), got {num_data!r}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; known: {', '.join(LIKELIHOODS)}")
-        if obs_scale is not None:
-            obs_scale = check_number(obs_scale, "obs_scale", low=0.0, low_inclusive=False)
-        self._check_param_store(net, name)
+        check_module(net, "net")
+        if isinstance(net, PyroModule):
+            raise TypeError(f"net is a PyroModule ({type(net).__name__}); SVIModel trains plain torch networks "
+                            "whose sparse layers hold q(w). Pass the network before pyro.nn.to_pyro_module_, or "
+                            "write your own Pyro model for a PyroModule")
+        num_data = check_positive_int(num_data, "num_data", hint="the training set size")
+        if not isinstance(name, str) or not name or "$$$" in name:
+            raise ValueError(f"name must be a non-empty str without '$$$' (Pyro's module divider), got {name!r}")
+        lik = as_likelihood(likelihood, obs_scale)
+        if isinstance(likelihood, str):  # a likelihood built here follows the network's device and dtype
+            p = next((t for t in net.parameters() if t.is_floating_point()), None)
+            if p is not None:
+                lik = lik.to(device=p.device, dtype=p.dtype)
+        super().__init__(name)
+        self.net = net
+        self.likelihood = lik
         self.num_data = num_data
-        self.likelihood = likelihood
-        self.obs_scale = obs_scale
-        self.name = name
         self.kl_weight = 1.0
 
-    @staticmethod
-    def _check_param_store(net: nn.Module, name: str) -> None:
-        """Pyro would silently train stale tensors left in its param store under this network's names."""
-        store = pyro.get_param_store()
-        ours = {f"{name}$$${n}": p for n, p in net.named_parameters()}
-        stale = [k for k in ours if k in store and store[k] is not ours[k]]
-        if stale:
-            raise RuntimeError(f"Pyro's param store already holds other tensors named {stale[:3]}... (from another "
-                               f"model); call pyro.clear_param_store() first or give this SVIModel another name=")
+    # PyroModule turns reading a plain submodule inside the model into ``pyro.module(...)``, whose param store
+    # wins over the module's own tensors; here the submodules are returned as they are and their parameters
+    # are named by ``_name_params`` instead.
+    def __getattr__(self, name: str) -> Any:
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules and not isinstance(modules[name], PyroModule):
+            return modules[name]
+        return super().__getattr__(name)
+
+    @property
+    def name(self) -> str:
+        """Prefix of the param store names (the root name, or the qualified name inside a parent PyroModule)."""
+        return self._pyro_name
+
+    @property
+    def kl_weight(self) -> float:
+        """Weight of the KL/penalty term, >= 0 (applied with ``pyro.poutine.scale``; 0 masks the term out)."""
+        return self._kl_weight
+
+    @kl_weight.setter
+    def kl_weight(self, value: float) -> None:
+        self._kl_weight = check_number(value, "kl_weight", low=0.0, hint="1.0 gives the true ELBO.")
+
+    @property
+    def obs_scale(self) -> Optional[float]:
+        """The current noise scale of a :class:`~bayes_sparse.likelihoods.Gaussian` likelihood, else ``None``."""
+        lik = self.likelihood
+        if not isinstance(lik, Gaussian):
+            return None
+        scale = lik.scale
+        return float(scale.detach()) if isinstance(scale, Tensor) else scale
+
+    def _param_name(self, qualified: str) -> str:
+        child, _, rest = qualified.partition(".")
+        return param_with_module_name(self.name if child == "net" else f"{self.name}.{child}", rest)
+
+    def _name_params(self) -> None:
+        """One ``param`` site per trainable parameter (frozen ones are left alone, as ``pyro.module`` does)."""
+        for qualified, p in self.named_parameters():
+            if p.requires_grad:
+                fullname = self._param_name(qualified)
+                _own_param(fullname, p, constraint=constraints.real, event_dim=None, name=fullname)
 
     def _check_batch(self, x: Tensor, y: Optional[Tensor]) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if y is not None and x.shape[0] > self.num_data:
-            raise ValueError(f"the batch has {x.shape[0]} examples but num_data={self.num_data}; "
-                             "num_data must be the full training set size")
+        if x.dim() == 0:
+            raise ValueError("x must have a batch dimension first, got a 0-d tensor; use x.unsqueeze(0)")
+        if x.shape[0] == 0:
+            raise ValueError(f"the minibatch is empty (x has shape {tuple(x.shape)}); skip empty batches, e.g. "
+                             "check the sampler or use DataLoader(..., drop_last=True)")
         if y is None:
             return
+        if x.shape[0] > self.num_data:
+            raise ValueError(f"the batch has {x.shape[0]} examples but num_data={self.num_data}; "
+                             "num_data must be the full training set size")
         if not isinstance(y, Tensor):
             raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
-        if self.likelihood == "categorical" and (y.dtype.is_floating_point or y.dtype.is_complex
-                                                 or y.dtype == torch.bool):
-            raise TypeError(f"the categorical likelihood needs integer class labels, got y of dtype {y.dtype}; "
-                            "convert with y.long()")
-        if self.likelihood == "gaussian" and not y.dtype.is_floating_point:
-            raise TypeError(f"the gaussian likelihood needs floating targets, got y of dtype {y.dtype}; "
-                            "convert with y.float()")
+        if y.dim() == 0 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0] if y.dim() else 'none (0-d)'}")
 
-    def obs_dist(self, out: Tensor) -> dist.Distribution:
-        """The likelihood p(y | network output) for a batch of outputs (batch dim first)."""
-        if self.likelihood == "categorical":
-            return dist.Categorical(logits=out)
-        scale = self.obs_scale
-        if scale is None:
-            scale = pyro.param(f"{self.name}.obs_scale", lambda: torch.ones((), device=out.device, dtype=out.dtype),
-                               constraint=constraints.positive)
-        return dist.Normal(out, scale).to_event(out.dim() - 1)
+    def _obs_dist(self, out: Tensor) -> dist.Distribution:
+        d = self.likelihood(out)
+        if not isinstance(d, torch.distributions.Distribution):
+            raise TypeError(f"the likelihood must return a Pyro distribution, got {type(d).__name__}; e.g. "
+                            "lambda out: pyro.distributions.Normal(out, 0.1).to_event(1)")
+        if tuple(d.batch_shape) != (out.shape[0],):
+            raise ValueError(f"the likelihood returned a distribution with batch_shape {tuple(d.batch_shape)} for a "
+                             f"minibatch of {out.shape[0]}; it must be ({out.shape[0]},): move the per-example "
+                             "dimensions into the event with .to_event(n)")
+        return d
 
-    def __call__(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """Run the model on a minibatch: the likelihood of ``y`` (or a draw of it) and the weighted regularizer.
+
+        Args:
+            x: Inputs, batch dimension first.
+            y: Targets of the minibatch, or ``None`` to sample them (posterior predictive): then the sparse
+                layers draw weight noise and every other module evaluates (:func:`sampling_mode`), whatever
+                the modes were, and no buffer changes.
+
+        Returns:
+            The network output (also recorded as the deterministic site ``"out"``).
+
+        Raises:
+            TypeError, ValueError: bad inputs (the message names the fix).
+        """
         self._check_batch(x, y)
-        self._check_param_store(self.net, self.name)
-        pyro.module(self.name, self.net)
-        batch = x.shape[0]
+        self._name_params()
+        net, batch = self.net, x.shape[0]
         # The minibatch was drawn by the data loader; handing Pyro its positions keeps the N/B scale
         # without a second, unused random draw of indices. Prediction (y=None) needs no scale.
         size = self.num_data if y is not None else max(batch, self.num_data)
-        with pyro.plate("data", size=size, subsample_size=batch,
-                        subsample=torch.arange(batch, device=x.device)):
-            out = self.net(x)
-            if y is not None and self.likelihood == "gaussian" and y.shape != out.shape:
-                raise ValueError(f"the network returns shape {tuple(out.shape)} but y has shape {tuple(y.shape)}; "
-                                 "reshape y (e.g. y.unsqueeze(-1)) so they match")
+        mode = sampling_mode(net) if y is None else contextlib.nullcontext()
+        with mode, pyro.plate("data", size=size, subsample_size=batch,
+                              subsample=torch.arange(batch, device=x.device)):
+            out = net(x)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"the network must return a tensor, got {type(out).__name__}")
+            check = getattr(self.likelihood, "check_target", None)
+            if y is not None and check is not None:
+                check(out, y)
             pyro.deterministic("out", out)
-            pyro.sample("obs", self.obs_dist(out), obs=y)
+            pyro.sample("obs", self._obs_dist(out), obs=y)
         # KL of the Bayesian layers plus the penalties of the others (all in whole-data units)
-        pyro.factor("regularizer", -self.kl_weight * regularizer(self.net))
+        weight = self.kl_weight
+        with pyro.poutine.scale(scale=weight) if weight > 0 else pyro.poutine.mask(mask=False):
+            pyro.factor("regularizer", -regularizer(net))
         return out
 
     def guide(self, x: Tensor, y: Optional[Tensor] = None) -> None:
-        """The guide: empty, because q(w) lives in the layers and is reached by ``pyro.module``."""
+        """The guide: empty, because q(w) lives in the layers, whose parameters the model names."""
+
+    def predictive(self, x: Tensor, num_samples: int = 100,
+                   return_sites: Iterable[str] = ("out", "obs")) -> dict[str, Tensor]:
+        """Posterior predictive samples for inputs ``x``, in any train/eval mode, leaving every buffer as it was.
+
+        Args:
+            x: Inputs, batch dimension first.
+            num_samples: Number of draws.
+            return_sites: ``"out"`` (network outputs under weight noise) and/or ``"obs"`` (targets drawn from
+                the likelihood).
+
+        Returns:
+            A dict site -> tensor with a leading dimension of ``num_samples``.
+
+        Raises:
+            ValueError: ``num_samples`` is not a positive int, or ``x`` is empty.
+
+        Example:
+            >>> import bayes_sparse as bs
+            >>> model = SVIModel(torch.nn.Sequential(bs.VDLinear(4, 1)), 100, likelihood="gaussian")
+            >>> model.predictive(torch.randn(5, 4), num_samples=20)["obs"].shape
+            torch.Size([20, 5, 1])
+        """
+        num_samples = check_positive_int(num_samples, "num_samples")
+        with torch.no_grad():
+            return pyro.infer.Predictive(self, guide=self.guide, num_samples=num_samples,
+                                         return_sites=list(return_sites))(x)
 
 
 def kl_warmup_weight(epoch: int, start: int = 5, end: int = 20) -> float:
@@ -179,10 +372,24 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
             progress: bool = True, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
             on_epoch_start: Optional[Callable[[int], None]] = None,
             on_step_end: Optional[Callable[[float], None]] = None) -> list[dict]:
-    """Train ``model.net`` with ``pyro.infer.SVI`` and ``Trace_ELBO`` (Adam, per-epoch schedules).
+    """Train an :class:`SVIModel` with ``pyro.infer.SVI`` and ``Trace_ELBO`` (Adam, per-epoch schedules).
+
+    Before each epoch it sets ``model.kl_weight`` (KL warm-up) and runs the sparse layers' schedule hooks with
+    :func:`bayes_sparse.schedule.on_epoch_start`; after each SVI step it runs
+    :func:`bayes_sparse.schedule.after_step` with the step's learning rate (proximal L1 steps, LTP
+    temperature, magnitude pruning rounds live in those hooks). A plain loop does the same::
+
+        elbo = pyro.infer.Trace_ELBO()(model, model.guide)
+        opt = torch.optim.Adam(elbo.parameters(), lr=lr)
+        for epoch in range(epochs):
+            model.kl_weight = kl_warmup_weight(epoch)
+            bs.schedule.on_epoch_start(model.net, epoch, epochs)
+            for x, y in loader:
+                opt.zero_grad(); elbo(x, y).backward(); opt.step()
+                bs.schedule.after_step(model.net, lr, model.num_data)
 
     Args:
-        model: The :class:`SVIModel`.
+        model: The :class:`SVIModel`; it is put in training mode.
         batches: Called once per epoch; returns an iterable of ``(x, y)`` minibatches (e.g. a DataLoader's
             ``__iter__`` or a function that shuffles tensors).
         epochs: Number of passes.
@@ -191,39 +398,62 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
         lr_lambda: Epoch -> learning-rate factor; default :func:`flat_then_linear_decay`.
         progress: Show a tqdm bar.
         on_epoch_end: Called as ``on_epoch_end(epoch, stats)`` after each epoch.
-        on_epoch_start: Called as ``on_epoch_start(epoch)`` (e.g. to anneal an LTP temperature).
-        on_step_end: Called as ``on_step_end(lr)`` after each SVI step with the current learning rate
-            (e.g. ``lambda lr: bs.proximal_step_(net, lr, N)`` for proximal L1).
+        on_epoch_start: Called as ``on_epoch_start(epoch)`` after the schedule hooks, before each epoch.
+        on_step_end: Called as ``on_step_end(lr)`` after each SVI step and its schedule hooks, with the
+            step's learning rate.
 
     Returns:
         One dict per epoch with ``epoch``, ``loss`` (mean negative ELBO per example), ``kl_weight``, ``lr``.
+
+    Raises:
+        TypeError: ``model`` is not an :class:`SVIModel` or ``batches`` is not callable.
+        ValueError: bad ``epochs``/``lr``, ``batches()`` yielded nothing, or an empty minibatch.
+        FloatingPointError: the loss of a step is NaN or infinite (the message names epoch and step).
+        RuntimeError: a schedule hook failed (the message names the layer and the hook).
+
+    Example:
+        >>> import bayes_sparse as bs
+        >>> x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+        >>> model = bs.SVIModel(torch.nn.Sequential(bs.VDLinear(4, 2)), num_data=64)
+        >>> history = fit_svi(model, lambda: [(x[:32], y[:32]), (x[32:], y[32:])], epochs=2, progress=False)
+        >>> len(history)
+        2
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if not isinstance(model, SVIModel):
+        raise TypeError(f"model must be a bayes_sparse.SVIModel, got {type(model).__name__}; wrap the network: "
+                        "SVIModel(net, num_data=N)")
+    if not callable(batches):
+        raise TypeError(f"batches must be a callable returning an iterable of (x, y) minibatches, got "
+                        f"{type(batches).__name__}; pass e.g. lambda: iter(loader)")
+    epochs = check_positive_int(epochs, "epochs")
     lr = check_number(lr, "lr", low=0.0, low_inclusive=False)
     lr_lambda = lr_lambda or flat_then_linear_decay(epochs)
     scheduler = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": lr}, "lr_lambda": lr_lambda})
     svi = pyro.infer.SVI(model, model.guide, scheduler, loss=pyro.infer.Trace_ELBO())
-    model.net.train()
+    model.train()
     history = []
     bar = tqdm(range(epochs), desc="SVI", unit="epoch", disable=not progress)
     for epoch in bar:
         model.kl_weight = kl_warmup_weight(epoch, *kl_warmup)
+        schedule.on_epoch_start(model.net, epoch, epochs)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         current_lr = lr * lr_lambda(epoch)
         total, count = 0.0, 0
         for x, y in batches():
-            total += svi.step(x, y)
+            loss = svi.step(x, y)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} at epoch {epoch}, step {count}; lower the "
+                                         f"learning rate (lr={lr}) or check the data for NaN/inf")
+            total += loss
             count += 1
+            schedule.after_step(model.net, current_lr, model.num_data)
             if on_step_end is not None:
                 on_step_end(current_lr)
         if count == 0:
             raise ValueError("batches() yielded no minibatch; check the data loader")
         stats = {"epoch": epoch, "loss": total / count / model.num_data, "kl_weight": model.kl_weight,
                  "lr": current_lr}
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"the loss became {stats['loss']} at epoch {epoch}; lower the learning rate")
         scheduler.step()
         history.append(stats)
         if on_epoch_end is not None:

@@ -1,5 +1,8 @@
 """Pyro SVI path: the loss is the negative ELBO, gradients match the plain loop, Predictive behaves."""
 
+import copy
+import pickle
+
 import pyro
 import pyro.infer
 import pytest
@@ -164,3 +167,275 @@ def test_model_input_errors():
         reg(torch.randn(4, 3), torch.randn(4))
     with pytest.raises(TypeError, match="floating targets"):
         reg(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long))
+
+
+# ----- SVIModel as a PyroModule: parameters, collisions, both training paths ---------------------------------
+
+
+def _regression_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, generator=g) * 2 - 1
+    return x, torch.sin(3 * x) + 0.1 * torch.randn(n, 1, generator=g)
+
+
+def _store_tensors():
+    return dict(pyro.get_param_store().named_parameters())  # unconstrained tensors, no weakref attached
+
+
+def test_parameters_and_learned_obs_scale_are_in_the_state_dict():
+    net = nn.Sequential(bs.VDLinear(1, 8), nn.Tanh(), bs.VDLinear(8, 1))
+    model = bs.SVIModel(net, num_data=64, likelihood="gaussian")
+    assert isinstance(model, pyro.nn.PyroModule) and model.obs_scale == 1.0
+    assert "likelihood.log_scale" in model.state_dict() and "net.0.log_sigma2" in model.state_dict()
+    assert {id(p) for p in model.parameters()} == {id(p) for p in net.parameters()} | {id(model.likelihood.log_scale)}
+    x, y = _regression_data()
+    svi = pyro.infer.SVI(model, model.guide, pyro.optim.Adam({"lr": 5e-2}), pyro.infer.Trace_ELBO())
+    for _ in range(20):
+        svi.step(x, y)
+    assert model.obs_scale < 0.5  # the learned scale moved (from 1.0)
+    # the store names the module's own tensors, under pyro.module's names
+    store = _store_tensors()
+    assert store["net$$$0.weight"] is net[0].weight
+    assert store["net.likelihood$$$log_scale"] is model.likelihood.log_scale
+    # round trip through load_state_dict
+    other = bs.SVIModel(nn.Sequential(bs.VDLinear(1, 8), nn.Tanh(), bs.VDLinear(8, 1)), 64, likelihood="gaussian")
+    other.load_state_dict(model.state_dict())
+    assert other.obs_scale == model.obs_scale
+    assert torch.equal(other.net.eval()(x), net.eval()(x))
+    fixed = bs.SVIModel(nn.Sequential(bs.VDLinear(1, 1)), 64, likelihood="gaussian", obs_scale=0.3)
+    assert fixed.obs_scale == 0.3 and not any("likelihood" in k for k in fixed.state_dict())
+
+
+def test_two_models_with_the_same_names_each_train_their_own_parameters():
+    """Interleaved SVI steps of two same-architecture models (both named "net") give exactly the isolated runs."""
+    torch.manual_seed(1)
+    net_a = _net()
+    torch.manual_seed(2)
+    net_b = _net()
+    ref_a, ref_b = copy.deepcopy(net_a), copy.deepcopy(net_b)
+    xa, ya = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    xb, yb = torch.randn(20, 5), torch.randint(0, 3, (20,))
+
+    def svi(net):
+        model = bs.SVIModel(net, num_data=100)
+        return pyro.infer.SVI(model, model.guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
+
+    for net, x, y, seed in ((ref_a, xa, ya, 10), (ref_b, xb, yb, 20)):  # isolated runs
+        pyro.clear_param_store()
+        run = svi(net)
+        for i in range(5):
+            pyro.set_rng_seed(seed + i)
+            run.step(x, y)
+    pyro.clear_param_store()
+    run_a, run_b = svi(net_a), svi(net_b)
+    init_a = copy.deepcopy(net_a.state_dict())
+    for i in range(5):  # interleaved, same seeds
+        pyro.set_rng_seed(10 + i)
+        run_a.step(xa, ya)
+        pyro.set_rng_seed(20 + i)
+        run_b.step(xb, yb)
+    for net, ref in ((net_a, ref_a), (net_b, ref_b)):
+        for (name, p), q in zip(net.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(p, q), name
+    assert not torch.equal(net_a[0].weight, init_a["0.weight"])
+    assert _store_tensors()["net$$$0.weight"] is net_b[0].weight  # the model that ran last, nothing stale
+
+
+def test_two_models_with_distinct_names_share_one_param_store():
+    a = bs.SVIModel(nn.Sequential(bs.VDLinear(3, 2)), 10, name="a")
+    b = bs.SVIModel(nn.Sequential(bs.VDLinear(3, 2)), 10, name="b")
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    a(x, y)
+    b(x, y)
+    store = _store_tensors()
+    assert store["a$$$0.weight"] is a.net[0].weight and store["b$$$0.weight"] is b.net[0].weight
+
+
+@pytest.mark.parametrize("local_params", [False, True], ids=["global-params", "module-local-params"])
+def test_torch_optim_over_the_elbo_module_trains_real_parameters(local_params):
+    """Pyro's Lightning recipe: torch.optim over Trace_ELBO()(model, guide).parameters()."""
+    with pyro.settings.context(module_local_params=local_params):
+        net = nn.Sequential(bs.VDLinear(1, 16), nn.Tanh(), bs.VDLinear(16, 1))
+        model = bs.SVIModel(net, num_data=64, likelihood="gaussian")
+        elbo = pyro.infer.Trace_ELBO()(model, model.guide)
+        params = list(elbo.parameters())
+        assert len(params) == 7 and {id(p) for p in params} == {id(p) for p in model.parameters()}
+        x, y = _regression_data()
+        # the same gradients as Pyro's own loss_and_grads
+        pyro.set_rng_seed(3)
+        pyro.infer.Trace_ELBO().loss_and_grads(model, model.guide, x, y)
+        pyro_grads = [p.grad.clone() for p in params]
+        model.zero_grad()
+        pyro.set_rng_seed(3)
+        elbo(x, y).backward()
+        for p, g in zip(params, pyro_grads):
+            torch.testing.assert_close(p.grad, g)
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.Adam(params, lr=2e-2)
+        losses = []
+        for _ in range(150):
+            opt.zero_grad()
+            loss = elbo(x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every parameter trained
+        assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+        assert model.obs_scale < 0.7
+
+
+def test_pickle_and_deepcopy_work_after_svi_steps():
+    net = nn.Sequential(bs.VDLinear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), bs.VDLinear(4, 3))
+    model = bs.SVIModel(net, num_data=50)
+    svi = pyro.infer.SVI(model, model.guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
+    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    svi.step(x, y)
+    bs.fit_svi(model, lambda: [(x, y)], epochs=2, progress=False)
+    assert all("unconstrained" not in p.__dict__ for p in net.parameters())
+    for clone in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+        assert torch.equal(clone.eval()(x), net.eval()(x))
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone.num_data == 50 and torch.equal(clone.net[0].weight, net[0].weight)
+    copy.deepcopy(model)
+
+
+def test_kl_weight_is_a_scale_on_the_regularizer_site():
+    N, B = 200, 10
+    net = _net()
+    model = bs.SVIModel(net, num_data=N)
+    x, y = torch.randn(B, 5), torch.randint(0, 3, (B,))
+    model.kl_weight = 0.3
+    site = pyro.poutine.trace(model).get_trace(x, y).nodes["regularizer"]
+    assert site["scale"] == 0.3
+    model.kl_weight = 0.0  # warm-up start: the term is masked out
+    pyro.set_rng_seed(4)
+    loss = pyro.infer.Trace_ELBO().loss(model, model.guide, x, y)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        nll = F.cross_entropy(net(x), y, reduction="sum")
+    assert loss == pytest.approx(float(N / B * nll), rel=1e-5)
+    with pytest.raises(ValueError, match=r"kl_weight must be in \[0.0, inf\], got -1.0"):
+        model.kl_weight = -1.0
+
+
+def test_frozen_parameters_stay_frozen_and_unnamed():
+    net = nn.Sequential(bs.VDLinear(3, 2))
+    net[0].bias.requires_grad_(False)
+    model = bs.SVIModel(net, 10)
+    bias = net[0].bias.detach().clone()
+    svi = pyro.infer.SVI(model, model.guide, pyro.optim.Adam({"lr": 1e-1}), pyro.infer.Trace_ELBO())
+    svi.step(torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    assert not net[0].bias.requires_grad and torch.equal(net[0].bias, bias)
+    assert "net$$$0.bias" not in pyro.get_param_store() and "net$$$0.weight" in pyro.get_param_store()
+
+
+# ----- posterior predictive sampling -----------------------------------------------------------------------
+
+
+def _bn_net(method):
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3))
+    net = bs.sparsify(net, method=method)
+    with torch.no_grad():  # running statistics far from the batch statistics, so a BatchNorm update would show
+        net[1].running_mean.fill_(0.4)
+        net[1].running_var.fill_(3.0)
+        if method == "vd":
+            for _, layer in bs.sparse_layers(net):
+                layer.log_sigma2.fill_(-3.0)  # visible noise
+    return net
+
+
+def _snapshot(module):
+    return ({n: b.clone() for n, b in module.named_buffers()}, {n: m.training for n, m in module.named_modules()})
+
+
+@pytest.mark.parametrize("method", ["vd", "l0", "ltp", "l1", "magnitude"])
+@pytest.mark.parametrize("start_mode", ["train", "eval"])
+def test_predictive_changes_no_buffer_and_no_mode(method, start_mode):
+    net = _bn_net(method)
+    model = bs.SVIModel(net, num_data=100)
+    model.train(start_mode == "train")
+    x = torch.randn(8, 4)
+    buffers, modes = _snapshot(model)
+    direct = pyro.infer.Predictive(model, guide=model.guide, num_samples=30, return_sites=["out", "obs"])(x)
+    samples = model.predictive(x, num_samples=30)
+    after_buffers, after_modes = _snapshot(model)
+    assert after_modes == modes
+    assert buffers.keys() == after_buffers.keys() and len(buffers) >= 5
+    for name, b in buffers.items():
+        assert torch.equal(b, after_buffers[name]), name  # bit-identical, BatchNorm statistics included
+    assert samples["out"].shape == direct["out"].shape == (30, 8, 3) and samples["obs"].shape == (30, 8)
+    if method in ("vd", "l0"):  # methods with a posterior: the outputs vary from draw to draw
+        assert samples["out"].std(0).min() > 1e-4
+    if method in ("ltp", "l1", "magnitude"):  # deterministic training forward, Dropout off: all draws agree
+        assert torch.allclose(samples["out"].std(0), torch.zeros(()), atol=1e-6)
+
+
+def test_predictive_uses_the_running_statistics_and_no_dropout():
+    net = _bn_net("vd")
+    for _, layer in bs.sparse_layers(net):
+        with torch.no_grad():
+            layer.log_sigma2.fill_(-30.0)  # the smallest noise (log alpha clipped at -8): a draw ~ the eval output
+    model = bs.SVIModel(net, num_data=100).train()
+    x = torch.randn(8, 4)
+    out = model.predictive(x, num_samples=3, return_sites=["out"])["out"]
+    with torch.no_grad():
+        expected = copy.deepcopy(net).eval()(x)
+        batch_stats = copy.deepcopy(net).train()[:2](x)  # what a BatchNorm in training mode would normalize with
+        running = copy.deepcopy(net).eval()[:2](x)
+    assert (batch_stats - running).abs().mean() > 0.3  # so the comparison below can tell them apart
+    torch.testing.assert_close(out, expected.expand(3, -1, -1), rtol=0, atol=0.02)
+
+
+def test_sampling_mode_restores_modes_on_error():
+    net = nn.Sequential(bs.VDLinear(3, 3), nn.BatchNorm1d(3), nn.Dropout())
+    net[1].eval()
+    with pytest.raises(KeyError):
+        with bs.infer.sampling_mode(net):
+            assert [m.training for m in net] == [True, False, False] and not net.training
+            raise KeyError("boom")
+    assert [m.training for m in net] == [True, False, True] and net.training
+
+
+# ----- fit_svi: schedule hooks, errors ---------------------------------------------------------------------
+
+
+class _RecordingVD(bs.VDLinear):
+    calls: list = []
+
+    def on_epoch_start(self, epoch, epochs):
+        self.calls.append(("epoch", epoch, epochs))
+
+    def after_step(self, lr, num_data):
+        self.calls.append(("step", lr, num_data))
+
+
+def test_fit_svi_runs_the_schedule_hooks_before_the_user_callbacks():
+    calls = _RecordingVD.calls = []
+    net = nn.Sequential(_RecordingVD(3, 2))
+    model = bs.SVIModel(net, num_data=40)
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    bs.fit_svi(model, lambda: [(x[:20], y[:20]), (x[20:], y[20:])], epochs=2, lr=0.1, lr_lambda=lambda e: 1 / (e + 1),
+               progress=False, on_epoch_start=lambda e: calls.append(("user epoch", e)),
+               on_step_end=lambda lr: calls.append(("user step", lr)))
+    assert calls == [("epoch", 0, 2), ("user epoch", 0), ("step", 0.1, 40), ("user step", 0.1),
+                     ("step", 0.1, 40), ("user step", 0.1),
+                     ("epoch", 1, 2), ("user epoch", 1), ("step", 0.05, 40), ("user step", 0.05),
+                     ("step", 0.05, 40), ("user step", 0.05)]
+
+
+def test_empty_minibatch_and_non_finite_loss_give_clear_errors():
+    model = bs.SVIModel(nn.Sequential(bs.VDLinear(3, 2)), 10)
+    with pytest.raises(ValueError, match=r"the minibatch is empty \(x has shape \(0, 3\)\)"):
+        model(torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="the minibatch is empty"):
+        bs.fit_svi(model, lambda: [(torch.randn(0, 3), torch.zeros(0, dtype=torch.long))], epochs=1, progress=False)
+    reg = bs.SVIModel(nn.Sequential(bs.VDLinear(3, 1)), 10, likelihood="gaussian", obs_scale=1.0)
+    x, y = torch.randn(4, 3), torch.full((4, 1), 1e30)  # (y - mean)^2 overflows float32
+    with pytest.raises(FloatingPointError, match=r"the loss became inf at epoch 0, step 0; lower the learning rate"):
+        bs.fit_svi(reg, lambda: [(x, y)], epochs=1, progress=False)
+    with pytest.raises(TypeError, match="model must be a bayes_sparse.SVIModel, got Sequential"):
+        bs.fit_svi(nn.Sequential(bs.VDLinear(3, 2)), lambda: [], epochs=1)
+    with pytest.raises(TypeError, match="net is a PyroModule"):
+        bs.SVIModel(pyro.nn.PyroModule[nn.Linear](3, 2), 10)
+    with pytest.raises(ValueError, match=r"name must be a non-empty str without '\$\$\$'"):
+        bs.SVIModel(nn.Sequential(bs.VDLinear(3, 2)), 10, name="a$$$b")
