@@ -8,10 +8,10 @@ Methods: ``"vd"`` Sparse Variational Dropout, ``"l0"`` hard-concrete gates, ``"l
 soft L0, ``"l1"`` L1 penalty (optionally proximal), ``"magnitude"`` magnitude pruning.
 """
 
-from . import data, distributions, export, functional, infer
+from . import data, distributions, export, functional, infer, likelihoods
 from .convert import ConversionReport, conversion_report, method_class, methods, register, register_method, sparsify
 from .export import to_dense
-from .infer import SVIModel, error_rate, fit_svi
+from .infer import SVIModel, error_rate, fit_svi, sampling_mode
 from .layers import (
     L0,
     L1,
@@ -95,6 +95,7 @@ __all__ = [
     "infer",
     "iterative_magnitude_prune_",
     "kl",
+    "likelihoods",
     "method_class",
     "methods",
     "on_epoch_start",
@@ -104,6 +105,7 @@ __all__ = [
     "register_method",
     "regularizer",
     "report",
+    "sampling_mode",
     "set_temperature_",
     "sparse_class",
     "sparse_layers",

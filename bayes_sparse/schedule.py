@@ -55,7 +55,7 @@ def on_epoch_start(model: nn.Module, epoch: int, epochs: int) -> nn.Module:
     check_module(model)
     epochs = check_positive_int(epochs, "epochs")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < epochs:
-        raise ValueError(f"epoch must be an int in [0, {epochs}), got {epoch!r}")
+        raise ValueError(f"epoch must be an int in [0, {epochs}) (0-based, below epochs={epochs}), got {epoch!r}")
     for name, layer in _unique_layers(model):
         _call(name, layer, "on_epoch_start", epoch, epochs)
     return model

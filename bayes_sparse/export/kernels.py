@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import check_module, check_number
-from ..layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_each_
+from .._validation import check_module, check_number, check_positive_int
+from ..layers.base import SUPPORTED_DENSE_TYPES, replace_each_
 from . import _csrkernel
 from .dense import dense_copy
 
@@ -187,9 +187,8 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
     max_density = check_number(max_density, "max_density", low=0.0, high=1.0)
     if kernel not in KERNELS + ("auto",):
         raise ValueError(f"unknown kernel {kernel!r}; known: auto, {', '.join(KERNELS)}")
-    for name, v in (("batch_size", batch_size), ("threads", threads)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(threads, "threads")
     dense = dense_copy(model)
     dense.eval()
     layers = [(n, m) for n, m in dense.named_modules(remove_duplicate=False) if isinstance(m, SUPPORTED_DENSE_TYPES)]
