@@ -368,13 +368,14 @@ def error_rate(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
 
 
 def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor]]], epochs: int, lr: float = 1e-3,
-            kl_warmup: tuple[int, int] = (5, 20), lr_lambda: Optional[Callable[[int], float]] = None,
+            kl_warmup: Optional[tuple[int, int]] = None, lr_lambda: Optional[Callable[[int], float]] = None,
             progress: bool = True, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
             on_epoch_start: Optional[Callable[[int], None]] = None,
             on_step_end: Optional[Callable[[float], None]] = None) -> list[dict]:
     """Train an :class:`SVIModel` with ``pyro.infer.SVI`` and ``Trace_ELBO`` (Adam, per-epoch schedules).
 
-    Before each epoch it sets ``model.kl_weight`` (KL warm-up) and runs the sparse layers' schedule hooks with
+    Before each epoch it runs the sparse layers' schedule hooks (each method's ``warmup`` option ramps its KL
+    or penalty in; ``kl_warmup`` adds a model-wide ramp as ``model.kl_weight``) with
     :func:`bayes_sparse.schedule.on_epoch_start`; after each SVI step it runs
     :func:`bayes_sparse.schedule.after_step` with the step's learning rate (proximal L1 steps, LTP
     temperature, magnitude pruning rounds live in those hooks). A plain loop does the same::
@@ -382,7 +383,6 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
         elbo = pyro.infer.Trace_ELBO()(model, model.guide)
         opt = torch.optim.Adam(elbo.parameters(), lr=lr)
         for epoch in range(epochs):
-            model.kl_weight = kl_warmup_weight(epoch)
             bs.schedule.on_epoch_start(model.net, epoch, epochs)
             for x, y in loader:
                 opt.zero_grad(); elbo(x, y).backward(); opt.step()
@@ -394,7 +394,10 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
             ``__iter__`` or a function that shuffles tensors).
         epochs: Number of passes.
         lr: Adam learning rate.
-        kl_warmup: ``(start, end)`` epochs of the linear KL ramp (see :func:`kl_warmup_weight`).
+        kl_warmup: ``(start, end)`` epochs of a model-wide linear ramp of the KL/penalty weight (see
+            :func:`kl_warmup_weight`; the official SparseVD recipe is (5, 20) of 200 epochs), applied as
+            ``model.kl_weight`` on top of the layers' own ``warmup`` option; ``None`` (default): weight 1,
+            only the layers' hooks ramp.
         lr_lambda: Epoch -> learning-rate factor; default :func:`flat_then_linear_decay`.
         progress: Show a tqdm bar.
         on_epoch_end: Called as ``on_epoch_end(epoch, stats)`` after each epoch.
@@ -434,7 +437,7 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
     history = []
     bar = tqdm(range(epochs), desc="SVI", unit="epoch", disable=not progress)
     for epoch in bar:
-        model.kl_weight = kl_warmup_weight(epoch, *kl_warmup)
+        model.kl_weight = 1.0 if kl_warmup is None else kl_warmup_weight(epoch, *kl_warmup)
         schedule.on_epoch_start(model.net, epoch, epochs)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
