@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .._validation import check_module, check_number
 
-__all__ = ["COMMON_OPTIONS", "SUPPORTED_DENSE_TYPES", "Option", "SparseLayer", "dense_kwargs", "penalty_alias", "replace_each_",
+__all__ = ["COMMON_OPTIONS", "SUPPORTED_DENSE_TYPES", "Option", "ParameterHolder", "SparseLayer", "dense_kwargs", "penalty_alias", "replace_each_",
            "replace_module_", "sparse_class", "sparse_layers", "top_k_mask", "warmup_weight"]
 
 #: The torch layer types a sparse layer can stand in for.
@@ -117,6 +117,29 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
     if k > 0:
         mask[torch.topk(score.flatten(), k).indices] = True
     return mask.view_as(score)
+
+
+class ParameterHolder(nn.Module):
+    """Stand-in "layer" holding one parameter of another module as its ``weight``.
+
+    ``Method[ParameterHolder]`` applies a method to any parameter (``MultiheadAttention.in_proj_weight``,
+    LSTM weights, an ``nn.Embedding``, a raw ``nn.Parameter`` passed to ``F.linear``): the owner module reads
+    the parameter through a property that returns the holder's ``weight`` view, so the method's noise, gates
+    and masks act wherever the owner uses it (see :mod:`bayes_sparse.layers.parameter`).
+    """
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        if not isinstance(weight, nn.Parameter):
+            raise TypeError(f"ParameterHolder expects an nn.Parameter, got {type(weight).__name__}")
+        self.weight = weight
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        raise RuntimeError(f"{type(self).__name__} holds a parameter of its parent module and is not called; "
+                           "the parent reads its weight")
+
+    def extra_repr(self) -> str:
+        return "shape=" + "x".join(map(str, self._parameters["weight"].shape))
 
 
 class SparseLayer:
@@ -356,6 +379,33 @@ class SparseLayer:
         new._dense_origin = type(layer)
         return new
 
+    @classmethod
+    def from_parameter(cls, param: nn.Parameter, **options: Any) -> "SparseLayer":
+        """Apply this method to an existing parameter (``cls`` is ``Method[ParameterHolder]``).
+
+        The holder takes the very ``param`` object as its ``weight`` (so optimizers and ties keep it) and
+        adjusts the method's parameters to its trained values.
+
+        Raises:
+            TypeError: ``cls`` is not a parameter holder class, ``param`` is not an ``nn.Parameter``, or an
+                unknown option.
+            ValueError: an option value out of range, or a parameter with fewer than 2 dimensions.
+        """
+        if cls.dense_type is not ParameterHolder:
+            raise TypeError(f"{cls.__name__}.from_parameter: use sparse_class(method, ParameterHolder)")
+        opts = cls.check_options(options)
+        if not isinstance(param, nn.Parameter) or param.dim() < 2:
+            raise ValueError(f"methods apply to weight matrices and kernels (2 or more dimensions); got "
+                             f"{type(param).__name__} of shape {tuple(getattr(param, 'shape', ()))}")
+        new = cls(param, **opts)
+        new.init_from_dense()
+        return new
+
+    def dense_parameter(self) -> nn.Parameter:
+        """A new plain ``nn.Parameter`` holding the masked weight (what export writes for a held parameter)."""
+        raw = self.raw_weight
+        return nn.Parameter(self.masked_weight().detach().clone(), requires_grad=raw.requires_grad)
+
     def to_dense(self) -> nn.Module:
         """The plain torch twin with the masked weights (the class this layer was converted from, if any)."""
         dense = getattr(self, "_dense_origin", self.dense_type)(**dense_kwargs(self))
@@ -440,7 +490,7 @@ def sparse_class(method: type, dense_type: type) -> type:
     if not (isinstance(method, type) and issubclass(method, SparseLayer)) or "dense_type" in method.__dict__ \
             or method is SparseLayer:
         raise TypeError(f"sparse_class expects a method class (a SparseLayer subclass such as VD), got {method!r}")
-    if dense_type not in SUPPORTED_DENSE_TYPES:
+    if dense_type not in SUPPORTED_DENSE_TYPES and dense_type is not ParameterHolder:
         raise TypeError(f"method {method.method!r} has no layer for {getattr(dense_type, '__name__', dense_type)}; "
                         f"supported: {', '.join(t.__name__ for t in SUPPORTED_DENSE_TYPES)}")
     key = (method, dense_type)
@@ -449,11 +499,11 @@ def sparse_class(method: type, dense_type: type) -> type:
         doc = (f"Drop-in ``torch.nn.{dense_type.__name__}`` for method ``{method.method!r}``: same constructor "
                f"arguments, plus the method's options as keywords. See :class:`{method.__module__}."
                f"{method.__qualname__}`.")
-        _CLASSES[key] = type(name, (method, dense_type), {
-            "__module__": method.__module__, "__qualname__": name, "__doc__": doc, "dense_type": dense_type,
-            "_generated": True, "_method_class": method, "weight": property(_weight_view),
-            "reset_parameters": _reset_parameters,
-        })
+        body = {"__module__": method.__module__, "__qualname__": name, "__doc__": doc, "dense_type": dense_type,
+                "_generated": True, "_method_class": method, "weight": property(_weight_view)}
+        if dense_type is not ParameterHolder:
+            body["reset_parameters"] = _reset_parameters
+        _CLASSES[key] = type(name, (method, dense_type), body)
     return _CLASSES[key]
 
 
