@@ -8,6 +8,7 @@ from torch import nn
 
 from .._validation import check_module
 from ..layers.base import SparseLayer, replace_each_, sparse_layers
+from ..layers.parameter import detach_
 
 __all__ = ["dense_copy", "to_dense"]
 
@@ -41,7 +42,11 @@ def to_dense(model: nn.Module) -> nn.Module:
         raise RuntimeError(f"layers {unfixed} have no fixed mask; call bayes_sparse.threshold_(model) before to_dense")
     if isinstance(model, SparseLayer):
         return model.to_dense()
-    return replace_each_(copy.deepcopy(model), lambda _, m: isinstance(m, SparseLayer), lambda _, m: m.to_dense())
+    out = copy.deepcopy(model)
+    memo: dict = {}
+    for m in list(out.modules()):  # held parameters go back into their modules, tied ones re-tied
+        detach_(m, memo)
+    return replace_each_(out, lambda _, m: isinstance(m, SparseLayer), lambda _, m: m.to_dense())
 
 
 def dense_copy(model: nn.Module) -> nn.Module:

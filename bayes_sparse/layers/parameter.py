@@ -41,7 +41,17 @@ def _setter(name: str):
 
 def _owner_reduce(self: nn.Module, protocol: Any) -> Any:
     cls = type(self)
-    return (_new_owner, (cls._sparse_owner_base, cls._sparse_param_names), self.__getstate__())
+    state = self.__getstate__()
+    if "_flat_weights" in state:  # RNNs: views (possibly with a graph) are recomputed after unpickling
+        state = dict(state, _flat_weights=[None if n in cls._sparse_param_names else w
+                                           for n, w in zip(self._flat_weights_names, state["_flat_weights"])])
+    return (_new_owner, (cls._sparse_owner_base, cls._sparse_param_names), state)
+
+
+def _owner_setstate(self: nn.Module, state: dict) -> None:
+    type(self)._sparse_owner_base.__setstate__(self, state)
+    if hasattr(self, "_init_flat_weights"):
+        self._init_flat_weights()
 
 
 def _new_owner(base: type, names: frozenset) -> nn.Module:
@@ -54,7 +64,8 @@ def _owner_class(base: type, names: frozenset) -> type:
     if key not in _OWNER_CLASSES:
         body: dict[str, Any] = {n: property(_getter(n), _setter(n)) for n in sorted(names)}
         body.update({"__module__": base.__module__, "__qualname__": f"Sparse{base.__qualname__}",
-                     "_sparse_owner_base": base, "_sparse_param_names": names, "__reduce_ex__": _owner_reduce})
+                     "_sparse_owner_base": base, "_sparse_param_names": names, "__reduce_ex__": _owner_reduce,
+                     "__setstate__": _owner_setstate})
         _OWNER_CLASSES[key] = type(f"Sparse{base.__name__}", (base,), body)
     return _OWNER_CLASSES[key]
 
