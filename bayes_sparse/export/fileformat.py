@@ -116,6 +116,16 @@ def _load(path: PathLike, max_numel: int = DEFAULT_MAX_NUMEL) -> tuple[dict[str,
     return header, _container.decode_state(path, header, tensors, max_numel)
 
 
+def _with_metadata(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    from collections import OrderedDict
+
+    out = OrderedDict(state)
+    metadata = getattr(model.state_dict(), "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
+
+
 def load(path: PathLike, model: Optional[nn.Module] = None, max_numel: int = DEFAULT_MAX_NUMEL) -> nn.Module:
     """Read a file written by :func:`save` into a model in eval mode, without running any stored code.
 
@@ -140,6 +150,8 @@ def load(path: PathLike, model: Optional[nn.Module] = None, max_numel: int = DEF
                              "standard modules); pass the architecture: load(path, model=MyNet())")
         model = _tree.build(header["tree"])  # on the meta device: the loaded tensors are assigned below
     try:
+        if not assign:  # the target's own per-module versions (e.g. MNASNet's), which files do not carry
+            state = _with_metadata(state, model)
         model.load_state_dict(state, assign=assign)
     except RuntimeError as e:
         raise CorruptFileError(f"{path} does not fit the architecture: {e}") from e

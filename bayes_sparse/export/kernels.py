@@ -95,6 +95,7 @@ class SparseKernel(nn.Module):
             raise ValueError(f"kernel {kind!r} does not support {type(layer).__name__} with this geometry")
         self.kind = kind
         self.source_type = type(layer).__name__
+        self._weight_shape = tuple(layer.weight.shape)
         self.timings: dict[str, float] = {}
         w = layer.weight.detach()
         self.density = float((w != 0).float().mean())
@@ -141,6 +142,26 @@ class SparseKernel(nn.Module):
         if self.kind == "dense":
             return self.layer(x)
         return self._conv(x)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight, rebuilt from the kernel's storage, for code that reads ``layer.weight`` instead of
+        calling the layer (``nn.MultiheadAttention`` reads ``out_proj.weight``); shaped like the original."""
+        if self.conv and self.kind == "dense":
+            return self.layer.weight
+        mm = self.mm
+        if mm.kind == "dense":
+            w = mm.weight
+        elif mm.kind == "fast_csr":
+            w = torch.sparse_csr_tensor(mm.rowptr, mm.col.long(), mm.val, (mm.out_features, mm.in_features)).to_dense()
+        else:
+            w = mm.weight.to_dense()
+        return w.reshape(self._weight_shape)
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """The bias (``None`` when the layer has none)."""
+        return self.layer.bias if self.conv and self.kind == "dense" else self.mm.bias
 
     def extra_repr(self) -> str:
         return f"{self.source_type}, kernel={self.kind}, density={self.density:.4f}"
