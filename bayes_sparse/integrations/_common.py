@@ -85,7 +85,7 @@ def add_regularizer(loss: Tensor, model: nn.Module, num_data: int) -> Tensor:
         >>> from bayes_sparse.integrations import add_regularizer
         >>> net = bs.sparsify(torch.nn.Linear(4, 2), method="l1")
         >>> nll = torch.tensor(0.5)
-        >>> float(add_regularizer(nll, net, 100)) == float(nll + bs.regularizer(net) / 100)
+        >>> torch.equal(add_regularizer(nll, net, 100), nll + bs.regularizer(net) / 100)
         True
     """
     return regularize(loss, model, num_data)

@@ -166,10 +166,11 @@ class SparseTrainer(Trainer):
         TypeError: a bad ``threshold``.
 
     Example:
-        >>> trainer = SparseTrainer(model=net, args=args, train_dataset=train_set)   # doctest: +SKIP
-        >>> trainer.train()                                                          # doctest: +SKIP
-        >>> trainer.sparse_callback.densities                                        # doctest: +SKIP
-        {'fc1': 0.031, 'fc2': 0.12}
+        ::
+
+            trainer = SparseTrainer(model=net, args=args, train_dataset=train_set, threshold={"sparsity": 0.9})
+            trainer.train()
+            trainer.sparse_callback.densities      # {'fc1': 0.1, 'fc2': 0.1}
     """
 
     def __init__(self, *args: Any, num_data: Optional[int] = None, threshold: ThresholdSpec = True,

@@ -21,21 +21,28 @@ Gradient accumulation needs nothing more: Lightning divides the returned loss by
 ``accumulate_grad_batches``, and the callback runs ``after_step`` only on batches that stepped.
 
 Example:
-    >>> import torch, torch.nn.functional as F, lightning as L      # doctest: +SKIP
-    >>> import bayes_sparse as bs
-    >>> from bayes_sparse.integrations.lightning import SparsifyCallback, add_regularizer
-    >>> class Lit(L.LightningModule):
-    ...     def __init__(self, net, num_data):
-    ...         super().__init__(); self.net, self.num_data = net, num_data
-    ...     def training_step(self, batch, batch_idx):
-    ...         x, y = batch
-    ...         return add_regularizer(F.cross_entropy(self.net(x), y), self.net, self.num_data)
-    ...     def configure_optimizers(self):
-    ...         return torch.optim.Adam(self.parameters(), lr=1e-3)
-    >>> net = bs.sparsify(my_mlp, method="vd", warmup=(0.0, 0.5))
-    >>> trainer = L.Trainer(max_epochs=10, callbacks=[SparsifyCallback(num_data=len(train_set))])
-    >>> trainer.fit(Lit(net, len(train_set)), train_loader)   # masks fixed when fit returns
-    >>> plain = bs.to_dense(net)
+    ::
+
+        import lightning.pytorch as pl
+        import bayes_sparse as bs
+        from bayes_sparse.integrations.lightning import SparsifyCallback, add_regularizer
+
+        class Lit(pl.LightningModule):
+            def __init__(self, net, num_data):
+                super().__init__()
+                self.net, self.num_data = net, num_data
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return add_regularizer(F.cross_entropy(self.net(x), y), self.net, self.num_data)
+
+            def configure_optimizers(self):
+                return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+        net = bs.sparsify(mlp, method="vd", warmup=(0.0, 0.5))
+        trainer = pl.Trainer(max_epochs=10, callbacks=[SparsifyCallback(num_data=len(train_set))])
+        trainer.fit(Lit(net, len(train_set)), train_loader)          # masks fixed when fit returns
+        plain = bs.to_dense(net)
 """
 
 from __future__ import annotations
@@ -97,7 +104,8 @@ class SparsifyCallback(Callback):
 
     Example:
         >>> cb = SparsifyCallback(num_data=60000, threshold={"sparsity": 0.9})
-        >>> trainer = L.Trainer(max_epochs=20, callbacks=[cb])         # doctest: +SKIP
+        >>> cb.num_data, cb.threshold_kwargs
+        (60000, {'sparsity': 0.9})
     """
 
     def __init__(self, num_data: int, *, threshold: ThresholdSpec = True, epochs: Optional[int] = None) -> None:
