@@ -202,3 +202,15 @@ def test_num_data_unlike_dataset_length_warns_and_max_steps_needs_epochs():
                enable_model_summary=False, callbacks=[cb]).fit(Lit(bs.sparsify(make_mlp(), method="vd"), N),
                                                                make_loader())
     assert cb.epochs == 1 and cb.densities
+
+
+def test_step_hook_uses_each_layers_param_group_lr_and_skips_frozen_layers():
+    from bayes_sparse.integrations._common import step_hook
+
+    net = bs.sparsify(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)), method="l1", proximal=True)
+    calls = {}
+    for name, layer in bs.sparse_layers(net):
+        layer.after_step = lambda lr, n, _name=name: calls.setdefault(_name, (lr, n))
+    opt = torch.optim.SGD([{"params": net[0].parameters(), "lr": 0.1}, {"params": net[1].parameters(), "lr": 0.01}])
+    step_hook(net, [opt], N)  # net[2] is in no optimizer: left alone
+    assert calls == {"0": (0.1, N), "1": (0.01, N)}
