@@ -8,7 +8,7 @@ Methods: ``"vd"`` Sparse Variational Dropout, ``"l0"`` hard-concrete gates, ``"l
 soft L0, ``"l1"`` L1 penalty (optionally proximal), ``"magnitude"`` magnitude pruning.
 """
 
-from . import data, distributions, export, functional, infer, likelihoods
+from . import data, distributions, export, functional, infer, integrations, likelihoods
 from .convert import ConversionReport, conversion_report, method_class, methods, register, register_method, sparsify
 from .export import to_dense
 from .infer import SVIModel, error_rate, fit_svi, sampling_mode
@@ -93,6 +93,7 @@ __all__ = [
     "fit_svi",
     "functional",
     "infer",
+    "integrations",
     "iterative_magnitude_prune_",
     "kl",
     "likelihoods",
