@@ -192,3 +192,41 @@ def test_every_route_agrees(arch, method, tmp_path):
         session = ort.InferenceSession(str(path))
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         _close(torch.from_numpy(got), thresholded, "onnx")
+
+
+@pytest.mark.parametrize("method", ["vd", "l0", "magnitude"])
+def test_tiny_gpt2_from_transformers(method):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, attn_pdrop=0.0,
+                                  resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(0)
+    original = transformers.GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        expected = original(x).logits
+    net = bs.sparsify(original, method=method).eval()
+    report = bs.conversion_report(net)
+    assert report.coverage >= 0.95, str(report)
+    assert {"transformer.h.0.attn.c_attn.weight", "lm_head.weight", "transformer.wte.weight"} <= {
+        r[0] for r in report.converted}
+    with torch.no_grad():
+        _close(net(x).logits, expected, "converted")
+    net.train()
+    (net(x, labels=x).loss + bs.regularizer(net) / 100).backward()
+    assert net.lm_head.sparse_params["weight"] is net.transformer.wte.sparse_params["weight"]  # one holder
+    bs.threshold_(net, sparsity=0.5)
+    net.eval()
+    with torch.no_grad():
+        thresholded = net(x).logits
+    dense = bs.to_dense(net)
+    assert dense.lm_head.weight is dense.transformer.wte.weight  # re-tied
+    fresh = transformers.GPT2LMHeadModel(cfg).eval()
+    fresh.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        _close(fresh(x).logits, thresholded, "dense export")
+
+
+def test_a_tie_half_converted_is_refused():
+    with pytest.raises(ValueError, match=r"head.weight is the same parameter as emb.weight, which is not being "
+                                         r"converted: sparsifying one would untie them"):
+        bs.sparsify(TiedLM(), exclude=["emb"])
