@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) examples/lenet300_mnist.py $(DEMO_ARGS)
 
+# Two pytest workers on the two cores, one torch thread each (two threads each would oversubscribe).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 bench-lenet300: $(STAMP)
 	$(PY) examples/lenet300_mnist.py --epochs 200 --out benchmarks/results/lenet300_vd.json

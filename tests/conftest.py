@@ -2,6 +2,8 @@ import pyro
 import pytest
 import torch
 
+torch.set_num_threads(1)  # tests run in two workers side by side (make test: pytest -n 2)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
