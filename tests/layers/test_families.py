@@ -264,3 +264,24 @@ def test_iterative_pruning_rejects_bad_arguments_up_front():
         bs.iterative_magnitude_prune_(net, None, final_sparsity=0.5, steps=2)
     with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
         bs.sparsity_schedule(0, 0, 0.9)
+
+
+def test_state_dicts_written_before_the_protocol_still_load():
+    """Old checkpoints kept the fixed-mask flag in a bool buffer and VD layers had no extra state."""
+    net = _mlp("vd")
+    bs.threshold_(net, sparsity=0.5)
+    old = {k: v for k, v in net.state_dict().items() if not k.endswith("_extra_state")}
+    old["0.mask_fixed"] = torch.tensor(True)
+    old["2.mask_fixed"] = torch.tensor(True)
+    fresh = _mlp("vd")
+    fresh.load_state_dict(old)
+    assert fresh[0].mask_fixed and torch.equal(fresh[0].weight_mask, net[0].weight_mask)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(fresh.eval()(x), net.eval()(x))
+
+
+def test_one_methods_state_dict_does_not_load_into_another():
+    l1, magnitude = _mlp("l1"), _mlp("magnitude")
+    with pytest.raises(RuntimeError, match=r"holds a 'l1' layer, but MagnitudeLinear is method 'magnitude'; load "
+                                           r"it into a model sparsified with method='l1'"):
+        magnitude.load_state_dict(l1.state_dict())
