@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 from torch import nn
 
 from ._validation import check_module
-from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, replace_each_, sparse_class
+from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer, check_weight_dtype, replace_each_, sparse_class
 from .layers import BUILTIN_METHODS
 from .layers import parameter as _param
 
@@ -392,6 +392,12 @@ def sparsify(model: nn.Module, method: str = "vd", include: Optional[Sequence[Se
                             f"conversion for {type(m).__name__}; supported: "
                             f"{', '.join(t.__name__ for t in table)}. Register one with bayes_sparse.register(...)")
     drop_in, by_params = _route_shared(model, method, method_cls, drop_in, by_params)
+    for name in drop_in:
+        check_weight_dtype(model.get_submodule(name).weight.dtype, f"sparsify: layer {name or '(root)'!r}")
+    for name, names in by_params.items():
+        for n in names:
+            check_weight_dtype(model.get_submodule(name)._parameters[n].dtype,
+                               f"sparsify: parameter {(name + '.' if name else '') + n!r}")
     targets = drop_in + list(by_params)
     if not targets:
         found = sorted({type(m).__name__ for _, m in named if _has_own_params(m)})

@@ -65,6 +65,7 @@ def threshold_(model: nn.Module, threshold: Optional[float] = None, *, sparsity:
 
     Raises:
         TypeError: ``model`` is not a module or a number argument is not a number.
+        FloatingPointError: a layer holds NaN or infinite weights (named in the message).
         ValueError: an argument out of range, a threshold a method cannot take (the message names the
             method), two of ``threshold``/``log_alpha``/``sparsity`` given, a global scope over mixed methods,
             or a model without sparse layers.
@@ -105,6 +106,12 @@ def threshold_(model: nn.Module, threshold: Optional[float] = None, *, sparsity:
                              f"and this model has {kinds}; use threshold_(model) for each method's own criterion, "
                              "threshold=... or sparsity=...")
 
+    for name, layer in layers:
+        if not bool(torch.isfinite(layer.raw_weight).all()):
+            bad = int((~torch.isfinite(layer.raw_weight)).sum())
+            raise FloatingPointError(f"layer {name or type(layer).__name__!r} ({type(layer).__name__}) has {bad} "
+                                     "non-finite weight(s) (NaN or inf); training diverged. Restore a checkpoint or "
+                                     "lower the learning rate; thresholding would export them")
     masks: dict[str, Tensor] = {}
     if sparsity is not None and scope == "global":
         kinds = sorted({layer.method for _, layer in layers})

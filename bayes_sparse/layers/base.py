@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .._validation import check_module, check_number
 
-__all__ = ["COMMON_OPTIONS", "SUPPORTED_DENSE_TYPES", "Option", "ParameterHolder", "SparseLayer", "dense_kwargs", "penalty_alias", "replace_each_",
+__all__ = ["COMMON_OPTIONS", "SUPPORTED_DENSE_TYPES", "Option", "ParameterHolder", "SparseLayer", "check_weight_dtype", "dense_kwargs", "penalty_alias", "replace_each_",
            "replace_module_", "sparse_class", "sparse_layers", "top_k_mask", "warmup_weight"]
 
 #: The torch layer types a sparse layer can stand in for.
@@ -111,6 +111,15 @@ def dense_kwargs(layer: nn.Module) -> dict[str, Any]:
                     + ", ".join(t.__name__ for t in SUPPORTED_DENSE_TYPES))
 
 
+def check_weight_dtype(dtype: torch.dtype, where: str) -> None:
+    """Refuse float16 weights: the per-weight maths (log alpha, gate probabilities, soft masks, the KL)
+    overflows or underflows in float16 and would silently give inf/NaN."""
+    if dtype == torch.float16:
+        raise TypeError(f"{where}: float16 weights are not supported by the sparse layers (log alpha, gate "
+                        "probabilities and the KL overflow in float16); use bfloat16 (model.to(torch.bfloat16)), "
+                        "or keep float32 weights and train under torch.autocast(device, dtype=torch.float16)")
+
+
 def top_k_mask(score: Tensor, k: int) -> Tensor:
     """Boolean mask shaped like ``score`` keeping its ``k`` highest entries."""
     mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
@@ -184,6 +193,7 @@ class SparseLayer:
         opts = {k: kwargs.pop(k) for k in list(kwargs) if k in self.options}
         super().__init__(*args, **kwargs)  # the torch layer's own constructor, same arguments
         w = self._parameters["weight"]
+        check_weight_dtype(w.dtype, type(self).__name__)
         self.register_buffer("weight_mask", torch.ones(w.shape, dtype=torch.bool, device=w.device))
         self.mask_fixed = False
         self.reg_weight = 1.0
@@ -334,6 +344,8 @@ class SparseLayer:
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor input, got {type(x).__name__}; "
                             "convert with torch.as_tensor(x, dtype=torch.float32)")
         w = self.raw_weight
+        if w.dtype == torch.float16:
+            check_weight_dtype(w.dtype, type(self).__name__)
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{type(self).__name__} got input of dtype {x.dtype} but its weights are {w.dtype}; "
                             f"convert the data with x.to({w.dtype}) (images stored as uint8: x.float() / 255), "

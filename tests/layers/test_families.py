@@ -285,3 +285,54 @@ def test_one_methods_state_dict_does_not_load_into_another():
     with pytest.raises(RuntimeError, match=r"holds a 'l1' layer, but MagnitudeLinear is method 'magnitude'; load "
                                            r"it into a model sparsified with method='l1'"):
         magnitude.load_state_dict(l1.state_dict())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float16_is_refused_with_the_fix_and_bfloat16_trains(method):
+    with pytest.raises(TypeError, match="float16 weights are not supported.*use bfloat16"):
+        bs.sparsify(nn.Sequential(nn.Linear(4, 3)).half(), method=method)
+    net = _mlp(method)
+    with pytest.raises(TypeError, match="float16 weights are not supported"):
+        net.half()(torch.randn(2, 6, dtype=torch.float16))
+    net = _mlp(method).to(torch.bfloat16)
+    loss = net(torch.randn(8, 6, dtype=torch.bfloat16)).float().square().mean() + bs.regularizer(net).float() / 100
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_nan_weights_stop_threshold_naming_the_layer():
+    net = _mlp("vd")
+    with torch.no_grad():
+        net[2].raw_weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"layer '2' \(VDLinear\) has 1 non-finite weight"):
+        bs.threshold_(net)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_loads_with_weights_only(method, tmp_path):
+    net = _mlp(method)
+    bs.threshold_(net, sparsity=0.3)
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    state = torch.load(tmp_path / "sd.pt", weights_only=True)
+    fresh = _mlp(method)
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(fresh.eval()(x), net.eval()(x))
+    assert fresh[0].mask_fixed
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pickle_and_torch_save_after_svi_steps(method, tmp_path):
+    import pickle
+
+    net = bs.sparsify(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), nn.Embedding(3, 2)), method=method,
+                      include=["0", "2"])
+    model = bs.SVIModel(nn.Sequential(*list(net)[:3]), num_data=50)
+    svi = pyro.infer.SVI(model, model.guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    svi.step(x, y)
+    twin = pickle.loads(pickle.dumps(net))
+    torch.save(net, tmp_path / "net.pt")
+    loaded = torch.load(tmp_path / "net.pt", weights_only=False)
+    for other in (twin, loaded):
+        torch.testing.assert_close(other[:3].eval()(x), net[:3].eval()(x))
