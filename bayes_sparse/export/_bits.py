@@ -12,6 +12,8 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     codes = np.asarray(codes, dtype=np.uint32)
     if codes.size and int(codes.max()) >= (1 << bits):
         raise ValueError(f"a code does not fit in {bits} bits")
+    if bits in (8, 16):  # whole bytes: the little-endian bytes of each code, as the general path lays them
+        return codes.astype("<u1" if bits == 8 else "<u2").view(np.uint8)
     bit_planes = ((codes[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
     return np.packbits(bit_planes.reshape(-1), bitorder="little")
 
@@ -65,8 +67,9 @@ def choose_index_encoding(positions: np.ndarray, numel: int, value_bits: int) ->
     absolute = ("int32", 32, nnz * (32 + value_bits))
     if absolute[2] < best[2]:
         best = absolute
+    gaps = np.diff(np.concatenate([[-1], positions.astype(np.int64)])) - 1  # as relative_entries, computed once
     for bits in range(1, 17):
-        total = relative_entries(positions, bits) * (bits + value_bits)
+        total = (int((gaps >> bits).sum()) + gaps.size) * (bits + value_bits)
         if total < best[2]:
             best = ("relative", bits, total)
     return best

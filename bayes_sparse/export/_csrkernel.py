@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["available", "spmm"]
+__all__ = ["available", "spmm", "spmm_t"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +103,15 @@ def available() -> bool:
 def spmm(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
          grain: int = 16) -> torch.Tensor:
     """``x @ W^T + bias`` for a CSR ``W`` (rowptr int64, col int16/int32, val float32) and ``x`` (batch, in)."""
+    return spmm_t(rowptr, col, val, x.t(), bias, grain).t()
+
+
+def spmm_t(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, xt: torch.Tensor,
+           bias: Optional[torch.Tensor], grain: int = 16) -> torch.Tensor:
+    """``W @ xt + bias[:, None]`` (shape (out, n)) for a CSR ``W`` and ``xt`` of shape (in, n): the kernel's
+    own layout, which im2col convolutions produce without a transpose."""
     mod = _load()
     if mod is None:
         raise RuntimeError("the C++ CSR kernel is unavailable on this machine")
-    xt = x.t().contiguous()
-    b = bias if bias is not None else torch.empty(0, dtype=x.dtype)
-    return mod.spmm_t(rowptr, col, val, xt, b, grain).t()
+    b = bias if bias is not None else torch.empty(0, dtype=xt.dtype)
+    return mod.spmm_t(rowptr, col, val, xt.contiguous(), b, grain)

@@ -13,11 +13,17 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.base import SUPPORTED_DENSE_TYPES, SparseLayer
-from . import _bits, _sparse
+from . import _bits, _codecs, _sparse
 from ._spec import VALUE_DTYPES
 
-__all__ = ["Encoded", "auto_bits", "check_values", "encode_plain", "encode_weight", "posterior_stds",
-           "sparse_weights", "value_bits"]
+__all__ = ["AUTO_BEST_NNZ", "EFFORTS", "Encoded", "auto_bits", "check_effort", "check_values", "encode_plain",
+           "encode_weight", "posterior_stds", "resolve_effort", "sparse_weights", "value_bits"]
+
+#: ``save``'s ``effort`` argument: ``"auto"`` or one of the codec efforts.
+EFFORTS = ("auto", *_codecs.EFFORTS)
+#: ``effort="auto"`` compresses with ``"best"`` when the model keeps at most this many non-zero weights
+#: (about 1 s of lzma on one core), else with ``"fast"`` (a few ns per stored byte).
+AUTO_BEST_NNZ = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,29 @@ def check_values(values: Any) -> None:
     if not (values in VALUE_DTYPES or values == "auto" or (isinstance(values, int) and not isinstance(values, bool)
                                                            and 1 <= values <= 8)):
         raise ValueError(f"values must be one of {sorted(VALUE_DTYPES)}, 'auto' or an int in [1, 8], got {values!r}")
+
+
+def check_effort(effort: Any) -> None:
+    """Check ``save``'s ``effort`` argument.
+
+    Raises:
+        ValueError: not one of :data:`EFFORTS`.
+    """
+    if not isinstance(effort, str) or effort not in EFFORTS:
+        raise ValueError(f"effort must be one of {EFFORTS}, got {effort!r}")
+
+
+def resolve_effort(effort: str, nnz: int) -> str:
+    """The codec effort for a model: ``effort`` itself, or for ``"auto"`` ``"best"`` up to
+    :data:`AUTO_BEST_NNZ` non-zero weights and ``"fast"`` beyond.
+
+    Args:
+        effort: A checked ``effort`` argument.
+        nnz: Non-zero weights stored sparse in the whole model.
+    """
+    if effort != "auto":
+        return effort
+    return "best" if nnz <= AUTO_BEST_NNZ else "fast"
 
 
 def posterior_stds(model: nn.Module) -> dict[str, Optional[Tensor]]:
@@ -126,7 +155,8 @@ def encode_plain(key: str, t: Tensor, values: Union[str, int]) -> Encoded:
     return Encoded(entry, {key: t}, {"bytes": t.numel() * t.element_size(), "encoding": f"plain {str(t.dtype)[6:]}"})
 
 
-def encode_weight(key: str, t: Tensor, values: Union[str, int], std: Optional[Tensor], tolerance: float) -> Encoded:
+def encode_weight(key: str, t: Tensor, values: Union[str, int], std: Optional[Tensor], tolerance: float,
+                  effort: str = "best") -> Encoded:
     """A weight stored sparse, in the cheapest encoding for its mask and values.
 
     The index encoding with the fewest bits before compression competes (unless it is a bitmask) with
@@ -139,6 +169,7 @@ def encode_weight(key: str, t: Tensor, values: Union[str, int], std: Optional[Te
         values: ``save``'s ``values`` argument (already checked).
         std: The layer's posterior standard deviation (same shape as ``t``, any device), or None.
         tolerance: See :func:`auto_bits`.
+        effort: How hard the codecs try, ``"best"`` or ``"fast"`` (see ``_codecs.compress``).
 
     Returns:
         The encoded entry; its tensors are named ``key::index``, ``key::values`` (and ``key::codebook``).
@@ -157,7 +188,7 @@ def encode_weight(key: str, t: Tensor, values: Union[str, int], std: Optional[Te
         candidates.append(("relative", 8, 8 if book is not None else bits_v))
     best = None
     for cand in candidates:
-        entry, streams = _sparse.encode(t, positions, nz, values, book, codes_v, *cand)
+        entry, streams = _sparse.encode(t, positions, nz, values, book, codes_v, *cand, effort=effort)
         size = _nbytes(streams)
         if best is None or size < best[2]:
             best = (entry, streams, size)

@@ -18,8 +18,8 @@ __all__ = ["decode", "encode"]
 
 
 def encode(t: Tensor, positions: np.ndarray, nz: np.ndarray, values: Union[str, int], book: Optional[np.ndarray],
-           codes_v: Optional[np.ndarray], kind: str, bits_i: int,
-           container_bits: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+           codes_v: Optional[np.ndarray], kind: str, bits_i: int, container_bits: int,
+           effort: str = "best") -> tuple[dict[str, Any], dict[str, Tensor]]:
     """One encoding of a sparse weight: its header entry and its (codec-compressed) streams.
 
     Args:
@@ -32,6 +32,7 @@ def encode(t: Tensor, positions: np.ndarray, nz: np.ndarray, values: Union[str, 
         kind: Index encoding: ``"bitmask"``, ``"int32"`` or ``"relative"``.
         bits_i: Bits per relative index (recorded for every kind).
         container_bits: Bits per stored codebook code (with ``book``); code 0 is the exact zero of fillers.
+        effort: How hard the codecs try (see ``_codecs.compress``).
 
     Returns:
         ``(entry, streams)``: the header entry and the tensors to store, by suffix (``index``, ``values``,
@@ -67,7 +68,7 @@ def encode(t: Tensor, positions: np.ndarray, nz: np.ndarray, values: Union[str, 
         entry["value_bits"] = container_bits
     codecs = {}
     for suffix in ("index", "values"):
-        streams[suffix], info = _codecs.compress(streams[suffix])
+        streams[suffix], info = _codecs.compress(streams[suffix], effort)
         if info is not None:
             codecs[suffix] = info
     if codecs:

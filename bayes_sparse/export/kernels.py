@@ -2,17 +2,23 @@
 
 :func:`compile` turns a thresholded (or exported dense) model into an inference-only copy in which each
 Linear and Conv layer runs on the kernel that is fastest for it at a given batch size and thread count
-(``kernel="auto"`` times the candidates on that layer), so the compiled model is never slower than the
-dense one at that setting, up to timing noise. Convolutions run as im2col (``F.unfold``) times a sparse
-matrix; grouped convolutions and Conv3d stay on the masked dense kernel.
+(``kernel="auto"`` times the candidates that can win on that layer, once per layer shape and density),
+so the compiled model is never slower than the dense one at that setting, up to timing noise.
+Convolutions run as im2col (``F.unfold``) times a sparse matrix, laid out so that the sparse kernels read
+the columns and write the output without a transpose at batch size 1; grouped convolutions and Conv3d
+stay on the masked dense kernel.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
+import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +70,13 @@ class _Matmul(nn.Module):
         y = torch.mm(self.weight, x.t()).t()
         return y + self.bias if self.bias is not None else y
 
+    def forward_t(self, xt: Tensor) -> Tensor:
+        """``W @ xt + b[:, None]`` for xt of shape (in, n): the layout of im2col columns (no transposes)."""
+        if self.kind == "fast_csr":
+            return _csrkernel.spmm_t(self.rowptr, self.col, self.val, xt, self.bias)
+        y = torch.mm(self.weight, xt)
+        return y + self.bias[:, None] if self.bias is not None else y
+
 
 def _supported(layer: nn.Module, kind: str) -> bool:
     if kind == "dense":
@@ -86,6 +99,7 @@ class SparseKernel(nn.Module):
     Attributes:
         kind: The kernel (one of :data:`KERNELS`).
         timings: Seconds per call of each candidate when chosen by ``kernel="auto"`` (else empty).
+        cached: Whether ``timings`` were measured on an earlier layer of the same shape and density.
         density: Fraction of non-zero weights.
     """
 
@@ -97,6 +111,7 @@ class SparseKernel(nn.Module):
         self.source_type = type(layer).__name__
         self._weight_shape = tuple(layer.weight.shape)
         self.timings: dict[str, float] = {}
+        self.cached = False
         w = layer.weight.detach()
         self.density = float((w != 0).float().mean())
         self.conv = isinstance(layer, nn.modules.conv._ConvNd)
@@ -116,6 +131,21 @@ class SparseKernel(nn.Module):
     def _conv(self, x: Tensor) -> Tensor:
         if x.dim() == self.nd + 1:  # unbatched input, as torch's convolutions accept
             return self._conv(x.unsqueeze(0)).squeeze(0)
+        xt, b, oh, ow = self.columns(x)
+        yt = self.mm.forward_t(xt)  # (O, B*L)
+        if b == 1:
+            y = yt.reshape(1, self.out_channels, oh, ow)
+        else:
+            y = yt.reshape(self.out_channels, b, oh * ow).transpose(0, 1).reshape(b, self.out_channels, oh, ow)
+        return y.squeeze(2) if self.nd == 1 else y
+
+    def columns(self, x: Tensor) -> tuple[Tensor, int, int, int]:
+        """im2col of a batched input, the first step of a sparse convolution.
+
+        Returns:
+            ``(xt, batch, out_height, out_width)`` with ``xt`` of shape (C*kh*kw, batch*L) (a view of
+            ``F.unfold``'s output at batch 1).
+        """
         if self.nd == 1:  # treat as 2-d with a height of one
             x = x.unsqueeze(2)
             k, s, p, d = (1, *self.kernel_size), (1, *self.stride), (0, *self.padding), (1, *self.dilation)
@@ -129,9 +159,8 @@ class SparseKernel(nn.Module):
         cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, C*kh*kw, L)
         oh = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
         ow = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-        y = self.mm(cols.transpose(1, 2).reshape(-1, cols.shape[1]))  # (B*L, O)
-        y = y.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
-        return y.squeeze(2) if self.nd == 1 else y
+        xt = cols[0] if b == 1 else cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        return xt, b, oh, ow
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.conv:
@@ -167,29 +196,136 @@ class SparseKernel(nn.Module):
         return f"{self.source_type}, kernel={self.kind}, density={self.density:.4f}"
 
 
-def _time(module: nn.Module, x: Tensor, threads: int) -> float:
-    from torch.utils import benchmark  # imported on use: it pulls in cpp_extension, which warns without CUDA
+#: Per-call measurement time per round of :func:`_time_candidates` (calls are repeated to fill it).
+_ROUND_S = 2e-3
+#: Rounds of measurement for the candidates still in the race (their median is kept).
+_ROUNDS = 5
+#: After the first round, a candidate slower than this multiple of the fastest one is out of the race.
+_DROP_FACTOR = 2.0
+#: BSR is timed only when the non-zero 4x4 blocks are at least this full on average: below, it does more
+#: than twice CSR's multiply-adds (every stored block is dense) and never wins (``benchmarks/kernels.py``).
+_BSR_MIN_FILL = 0.5
 
-    t = benchmark.Timer("m(x)", globals={"m": module, "x": x}, num_threads=threads)
-    return t.blocked_autorange(min_run_time=0.05).median
+
+class _Threads:
+    """``with _Threads(n):`` runs torch on n threads and restores the previous count."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.prev = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self.prev)
+
+
+def _per_call(fn: Callable[[], Any], reps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def _time_candidates(kinds: list[str], make: Callable[[str], Callable[[], Any]],
+                     floor: Optional[Callable[[], Any]] = None) -> dict[str, float]:
+    """Seconds per call of each candidate, spending time only on those that can still win.
+
+    Each candidate is called once (warm-up, which also sizes its rounds), then measured in interleaved
+    rounds of about ``_ROUND_S`` (the call repeated to fill it). After the first round, candidates slower
+    than ``_DROP_FACTOR`` x the fastest are dropped (their first-round time is reported); the others get
+    ``_ROUNDS`` rounds, of which the median is kept.
+
+    Args:
+        kinds: The candidates; ``"dense"`` first, it is always timed.
+        make: Kernel name -> a call of it on the timing input (made only for the candidates timed).
+        floor: A cost every other candidate pays (im2col, for convolutions): measured beside dense first,
+            and when it alone takes as long as dense, nothing else is timed.
+
+    Returns:
+        Kernel name -> seconds per call, for the candidates timed.
+    """
+    reps: dict[str, int] = {}
+    samples: dict[str, list[float]] = {}
+    calls: dict[str, Callable[[], Any]] = {} if floor is None else {"(floor)": floor}
+
+    def measure(names: list[str]) -> None:
+        for k in names:
+            if k not in reps:
+                calls.setdefault(k, make(k) if k != "(floor)" else floor)
+                reps[k] = max(1, min(10_000, int(_ROUND_S / max(_per_call(calls[k], 1), 1e-9))))
+        for k in names:
+            samples.setdefault(k, []).append(_per_call(calls[k], reps[k]))
+
+    others = [k for k in kinds if k != "dense"]
+    if floor is not None:
+        measure(["dense", "(floor)"])
+        if samples["(floor)"][0] >= samples["dense"][0]:
+            return {"dense": samples["dense"][0]}
+        measure(others)
+    else:
+        measure(["dense", *others])
+    best = min(samples[k][0] for k in kinds)
+    alive = [k for k in kinds if samples[k][0] <= _DROP_FACTOR * best]
+    for _ in range(_ROUNDS - 1):
+        measure(alive)
+    return {k: float(np.median(samples[k])) if k in alive else samples[k][0] for k in kinds}
+
+
+def _candidates(layer: nn.Module) -> list[str]:
+    """The kernels that can run ``layer`` and can win: BSR only with well-filled blocks."""
+    kinds = [k for k in KERNELS if _supported(layer, k)]
+    if "bsr" in kinds:
+        w = layer.weight.detach()
+        w = w.reshape(w.shape[0], -1)
+        blocks = (w != 0).reshape(w.shape[0] // _BSR_BLOCK, _BSR_BLOCK, -1, _BSR_BLOCK).any(dim=(1, 3))
+        nnz, nblocks = int((w != 0).sum()), int(blocks.sum())
+        if nblocks == 0 or nnz < _BSR_MIN_FILL * nblocks * _BSR_BLOCK ** 2:
+            kinds.remove("bsr")
+    return kinds
+
+
+def _timing_key(layer: nn.Module, x: Tensor, threads: int, kinds: list[str]) -> tuple:
+    """Layers with equal keys get equal timings: same type, geometry, input shape, thread count,
+    candidates, and density within a factor of 2**(1/4)."""
+    w = layer.weight
+    nnz = int((w != 0).sum())
+    bucket = round(4 * math.log2(nnz / w.numel())) if nnz else None
+    geometry = ()
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        geometry = (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
+    return (type(layer).__name__, tuple(w.shape), layer.bias is not None, geometry, tuple(x.shape), str(x.dtype),
+            threads, tuple(kinds), bucket)
 
 
 @torch.no_grad()
 def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads: int = 1,
-            example_input: Optional[Tensor] = None, max_density: float = 0.5) -> nn.Module:
+            example_input: Optional[Tensor] = None, max_density: float = 0.5,
+            timing_cache: Optional[dict] = None) -> nn.Module:
     """An inference-only copy of ``model`` whose Linear/Conv layers run on sparse kernels.
 
     Args:
         model: A thresholded sparse model (``threshold_``) or a plain model with pruned (zero) weights.
         kernel: ``"dense"`` (masked dense), ``"csr"`` / ``"bsr"`` (torch sparse, BSR with 4x4 blocks),
             ``"fast_csr"`` (this package's C++ kernel) or ``"auto"``: per layer, the fastest of those that
-            support it, timed at ``batch_size`` and ``threads``. A layer a kernel cannot run stays dense.
+            support it and can win, timed at ``batch_size`` and ``threads`` (see below). A layer a kernel
+            cannot run stays dense.
         batch_size: Batch size to time at (``"auto"``).
         threads: Thread count to time at (``"auto"``); the compiled model does not change torch's setting.
         example_input: One input batch; needed by ``"auto"`` when the model has convolutions (to know
             their spatial size). Its batch dimension is replaced by ``batch_size``.
         max_density: Layers denser than this stay on the dense kernel whatever ``kernel`` says (sparse
             formats cannot win there, and converting, say, an unpruned 100M-weight layer costs minutes).
+        timing_cache: A dict to keep ``"auto"``'s timings in, to share them across calls (e.g. compiling
+            several models on the same machine); by default each call has its own.
+
+    ``kernel="auto"`` times only candidates that can win: BSR only when the mask's 4x4 blocks are at
+    least half full; for a convolution, the im2col step that every sparse kernel runs is timed beside the
+    dense convolution first, and when it alone is as slow, nothing else is timed; after a first short
+    round, candidates over twice as slow as the fastest are dropped. Timings are kept by layer type,
+    geometry, input shape, thread count and density (within 2**(1/4)), so layers of the same shape (the
+    repeated blocks of a ResNet, say) are timed once.
 
     Returns:
         The compiled model in eval mode; :func:`kernel_report` lists each layer's kernel and timings.
@@ -210,16 +346,19 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
         raise ValueError(f"unknown kernel {kernel!r}; known: auto, {', '.join(KERNELS)}")
     check_positive_int(batch_size, "batch_size")
     check_positive_int(threads, "threads")
+    if timing_cache is not None and not isinstance(timing_cache, dict):
+        raise TypeError(f"timing_cache must be a dict or None, got {type(timing_cache).__name__}")
+    cache: dict = {} if timing_cache is None else timing_cache
     dense = dense_copy(model)
     dense.eval()
     layers = [(n, m) for n, m in dense.named_modules(remove_duplicate=False) if isinstance(m, SUPPORTED_DENSE_TYPES)]
-    inputs: dict[str, Tensor] = {}
+    inputs: dict[str, torch.Size] = {}
     if kernel == "auto":
         if example_input is None:
             if any(not isinstance(m, nn.Linear) for _, m in layers):
                 raise ValueError("kernel='auto' needs example_input=<one input batch> to time convolutions")
         else:
-            hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
+            hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].shape))
                      for n, m in dict(layers).items()]
             dense(example_input)
             for h in hooks:
@@ -231,22 +370,33 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
         if kernel != "auto":
             return SparseKernel(layer, kernel if _supported(layer, kernel) else "dense")
         if name in inputs:
-            x = torch.randn(batch_size, *inputs[name].shape[1:], dtype=torch.float32)
+            x = torch.randn(batch_size, *inputs[name][1:], dtype=torch.float32)
         elif isinstance(layer, nn.Linear):
             x = torch.randn(batch_size, layer.in_features)
         else:  # a convolution the example forward did not reach: nothing to time it on
             return SparseKernel(layer, "dense")
-        timings = {}
-        best, best_t = None, float("inf")
-        for kind in KERNELS:
-            if not _supported(layer, kind):
-                continue
-            cand = SparseKernel(layer, kind)
-            timings[kind] = _time(cand, x, threads)
-            if timings[kind] < best_t:
-                best, best_t = cand, timings[kind]
-        best.timings = timings
-        logger.info("compile: %s -> %s (%s)", name, best.kind, timings)
+        kinds = _candidates(layer)
+        key = _timing_key(layer, x, threads, kinds)
+        cached = key in cache
+        made: dict[str, SparseKernel] = {}
+
+        def get(kind: str) -> SparseKernel:
+            if kind not in made:
+                made[kind] = SparseKernel(layer, kind)
+            return made[kind]
+
+        if not cached:
+            floor = None
+            if len(kinds) > 1 and isinstance(layer, nn.modules.conv._ConvNd):
+                probe = get(kinds[1])  # a sparse convolution: its im2col step is the floor
+                floor = lambda: probe.columns(x)  # noqa: E731
+            with _Threads(threads):
+                cache[key] = _time_candidates(kinds, lambda kind: (lambda m=get(kind): m(x)), floor)
+        timings = dict(cache[key])
+        best_kind = min(timings, key=timings.get)
+        best = get(best_kind)
+        best.timings, best.cached = timings, cached
+        logger.info("compile: %s -> %s (%s%s)", name, best.kind, timings, ", cached" if cached else "")
         return best
 
     # a layer used at several places gets one kernel
@@ -254,6 +404,7 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
 
 
 def kernel_report(model: nn.Module) -> list[dict[str, Any]]:
-    """For each :class:`SparseKernel` in a compiled model: name, layer type, kernel, density, timings."""
-    return [{"name": n, "type": m.source_type, "kernel": m.kind, "density": m.density, "timings": m.timings}
-            for n, m in model.named_modules() if isinstance(m, SparseKernel)]
+    """For each :class:`SparseKernel` in a compiled model: name, layer type, kernel, density, timings, and
+    whether those timings were reused from a layer of the same shape (``cached``)."""
+    return [{"name": n, "type": m.source_type, "kernel": m.kind, "density": m.density, "timings": m.timings,
+             "cached": m.cached} for n, m in model.named_modules() if isinstance(m, SparseKernel)]

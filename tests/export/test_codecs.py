@@ -37,17 +37,48 @@ def test_round_trip_of_random_streams_keeps_the_smallest_form():
     rng = np.random.default_rng(0)
     for stream in _streams(rng):
         raw = _bytes(stream)
-        stored, info = _codecs.compress(stream)
-        sizes = {None: len(raw), "zlib": len(zlib.compress(raw, 9)),
-                 "lzma": len(lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))}
-        assert stored.numel() * stored.element_size() == min(sizes.values())
-        if info is None:  # nothing beat the raw bytes: the stream itself is stored
-            assert stored is stream and sizes[None] <= min(sizes["zlib"], sizes["lzma"])
-            continue
-        assert stored.dtype == torch.uint8 and sizes[info["codec"]] == min(sizes.values()) < sizes[None]
-        assert info["raw_bytes"] == len(raw) and info["dtype"] == str(stream.dtype)[6:]
-        back = _codecs.decompress("k", stored, info)
-        assert back.dtype == stream.dtype and _bytes(back) == raw
+        rle = zlib.compressobj(9, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+        reference = {None: len(raw), "zlib": len(zlib.compress(raw, 9)),  # the settings files were first written with
+                     "lzma": len(lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))}
+        for effort, bound in (("best", min(reference.values())), ("fast", min(len(raw), len(rle.compress(raw) + rle.flush())))):
+            stored, info = _codecs.compress(stream, effort)
+            size = stored.numel() * stored.element_size()
+            assert size <= bound if effort == "best" else size == bound  # best: never larger than the reference
+            if info is None:  # nothing beat the raw bytes: the stream itself is stored
+                assert stored is stream and size == len(raw)
+                continue
+            assert stored.dtype == torch.uint8 and size < len(raw)
+            assert info["raw_bytes"] == len(raw) and info["dtype"] == str(stream.dtype)[6:]
+            assert info["codec"] in (("zlib", "lzma") if effort == "best" else ("zlib",))
+            back = _codecs.decompress("k", stored, info)
+            assert back.dtype == stream.dtype and _bytes(back) == raw
+
+
+def test_every_setting_tried_decodes_with_its_codecs_decoder():
+    rng = np.random.default_rng(2)
+    for dtype in (torch.uint8, torch.float16, torch.float32, torch.int32):
+        stream = (torch.from_numpy(rng.standard_normal(3000).astype(np.float32)) * 5).to(dtype)
+        raw = _bytes(stream)
+        for effort in _codecs.EFFORTS:
+            for name, fn in _codecs._candidates(effort, stream.element_size()):
+                back = _codecs.decompress("k", _stored(fn(raw)), {"codec": name, "raw_bytes": len(raw),
+                                                                   "dtype": str(dtype)[6:]})
+                assert _bytes(back) == raw, (effort, name, dtype)
+
+
+def test_float32_values_get_the_aligned_lzma_setting():
+    # the sign/exponent byte of each float32 is predictable from its place in the element: lzma with lp=pb=2
+    values = torch.from_numpy(np.random.default_rng(3).standard_normal(20000).astype(np.float32)) * 0.05
+    raw = _bytes(values)
+    stored, info = _codecs.compress(values)
+    assert info["codec"] == "lzma"
+    assert stored.numel() < len(lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))
+    assert _bytes(_codecs.decompress("k", stored, info)) == raw
+
+
+def test_unknown_effort():
+    with pytest.raises(ValueError, match="effort must be one of"):
+        _codecs.compress(torch.zeros(3), "hard")
 
 
 def test_incompressible_and_repetitive_streams():
@@ -55,6 +86,15 @@ def test_incompressible_and_repetitive_streams():
     assert _codecs.compress(noise)[1] is None
     stored, info = _codecs.compress(torch.zeros(4096, dtype=torch.int32))
     assert info["raw_bytes"] == 16384 and stored.numel() < 100
+
+
+def test_streams_written_with_the_reference_settings_decode():
+    # files written before the codecs sized lzma's dictionary to the stream used preset 9 extreme as it is
+    raw = _bytes(torch.arange(5000, dtype=torch.int32) % 11)
+    for codec, packed in (("zlib", zlib.compress(raw, 9)),
+                          ("lzma", lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))):
+        back = _codecs.decompress("k", _stored(packed), {"codec": codec, "raw_bytes": len(raw), "dtype": "int32"})
+        assert _bytes(back) == raw
 
 
 @pytest.mark.parametrize("codec", ["zlib", "lzma"])

@@ -83,6 +83,26 @@ def test_encodings_are_the_cheapest_and_decode_exactly():
     assert _bits.choose_index_encoding(np.array([5, 900_000]), 1_000_000, 32)[0] == "int32"
 
 
+@pytest.mark.parametrize("bits", [1, 3, 7, 8, 9, 16])
+def test_pack_lays_codes_out_bit_by_bit_little_endian(bits):
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, 1001)
+    planes = ((codes[:, None] >> np.arange(bits)) & 1).astype(np.uint8)  # the layout, spelled out
+    packed = _bits.pack(codes, bits)
+    assert packed.dtype == np.uint8 and np.array_equal(packed, np.packbits(planes.reshape(-1), bitorder="little"))
+    assert np.array_equal(_bits.unpack(packed, bits, codes.size), codes)
+
+
+def test_choose_index_encoding_counts_the_entries_of_relative_entries():
+    rng = np.random.default_rng(1)
+    for density in (0.0005, 0.01, 0.2, 0.7):
+        pos = np.flatnonzero(rng.random(30000) < density)
+        kind, bits, total = _bits.choose_index_encoding(pos, 30000, 32)
+        if kind == "relative":
+            assert total == _bits.relative_entries(pos, bits) * (bits + 32)
+        totals = [_bits.relative_entries(pos, b) * (b + 32) for b in range(1, 17)]
+        assert total == min([30000 + pos.size * 32, pos.size * 64, *totals])
+
+
 def test_save_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"values must be one of .* got 'int8'"):
         bs.export.save(nn.Linear(2, 2), tmp_path / "x", values="int8")
@@ -92,6 +112,27 @@ def test_save_rejects_bad_arguments(tmp_path):
         bs.export.save(nn.Linear(2, 2), tmp_path / "x", values=9)
     with pytest.raises(RuntimeError, match="call bayes_sparse.threshold_"):
         bs.export.save(nn.Sequential(bs.VDLinear(2, 2)), tmp_path / "x")
+    with pytest.raises(ValueError, match=r"effort must be one of \('auto', 'fast', 'best'\), got 'slow'"):
+        bs.export.save(nn.Linear(2, 2), tmp_path / "x", effort="slow")
+
+
+@pytest.mark.parametrize("values", ["float32", 4])
+def test_every_effort_writes_a_file_that_loads_to_the_same_numbers(tmp_path, values, monkeypatch):
+    net = _sparse_lenet()
+    sizes, states = {}, {}
+    for effort in ("fast", "best", "auto"):
+        path = tmp_path / f"{effort}.safetensors"
+        sizes[effort] = bs.export.save(net, path, values=values, effort=effort).total_bytes
+        states[effort] = bs.export.load_state_dict(path)
+    for k, v in states["best"].items():
+        assert torch.equal(states["fast"][k], v) and torch.equal(states["auto"][k], v), k
+    if values == "float32":
+        for k, v in bs.to_dense(net).state_dict().items():
+            assert torch.equal(states["fast"][k], v), k
+    assert sizes["best"] <= sizes["fast"] and sizes["auto"] == sizes["best"]  # a small model: auto is best
+    monkeypatch.setattr(fileformat._policy, "AUTO_BEST_NNZ", 10)  # now it is a large one: auto is fast
+    rep = bs.export.save(net, tmp_path / "a.safetensors", values=values)
+    assert rep.total_bytes == sizes["fast"] and all("lzma" not in r["encoding"] for r in rep.layers.values())
 
 
 # ----- damaged files -------------------------------------------------------------------------------

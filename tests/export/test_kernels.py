@@ -1,5 +1,7 @@
 """Sparse inference kernels against the dense masked model, on every layer type."""
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -97,3 +99,123 @@ def test_auto_keeps_unreached_convs_dense():
 
     fast = bs.export.compile(Branchy(), kernel="auto", example_input=torch.randn(1, 1, 8, 8))
     assert fast.b.kind == "dense" and fast.b.timings == {}
+
+
+# ----- the im2col path at batch 1 (no transposes) and above ----------------------------------------------
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "dense"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("conv", [lambda: nn.Conv1d(4, 8, 3, padding=1), lambda: nn.Conv2d(4, 8, 3, stride=2),
+                                  lambda: nn.Conv2d(4, 8, 1, bias=False)], ids=["conv1d", "conv2d", "conv1x1"])
+def test_sparse_convolutions_match_dense_at_every_batch_size(kernel, batch, conv):
+    torch.manual_seed(0)
+    layer = _pruned(conv()).eval()
+    x = torch.randn(batch, 4, *([9] * (layer.weight.dim() - 2)))
+    fast = bs.export.SparseKernel(layer, kernel)
+    torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+# ----- kernel="auto": what is timed, and timed once ------------------------------------------------------
+def _count_timings(monkeypatch):
+    from bayes_sparse.export import kernels
+    calls = []
+    real = kernels._time_candidates
+
+    def counting(kinds, make, floor=None):
+        calls.append(list(kinds))
+        return real(kinds, make, floor)
+
+    monkeypatch.setattr(kernels, "_time_candidates", counting)
+    return calls
+
+
+def _same_mask_linears(n, shape=(64, 48)):
+    torch.manual_seed(0)
+    mask = torch.rand(shape) < 0.1
+    layers = []
+    for _ in range(n):
+        lin = nn.Linear(shape[1], shape[0])
+        with torch.no_grad():
+            lin.weight.mul_(mask)
+        layers += [lin, nn.ReLU()] if shape[0] == shape[1] else [lin]
+    return layers
+
+
+def test_auto_times_layers_of_one_shape_once(monkeypatch):
+    calls = _count_timings(monkeypatch)
+    net = nn.Sequential(*_same_mask_linears(6, (48, 48)), *_same_mask_linears(1, (10, 48))).eval()
+    x = torch.randn(2, 48)
+    fast = bs.export.compile(net, kernel="auto", batch_size=2)
+    assert len(calls) == 2  # one timing for the six 48x48 layers, one for the 10x48 head
+    rep = kernel_report(fast)
+    assert [r["cached"] for r in rep] == [False, True, True, True, True, True, False]
+    assert len({r["kernel"] for r in rep[:6]}) == 1 and all(r["timings"] == rep[0]["timings"] for r in rep[:6])
+    torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+    # another batch size is another timing; a shared cache serves a second call without timing anything
+    cache = {}
+    bs.export.compile(net, kernel="auto", batch_size=3, timing_cache=cache)
+    assert len(calls) == 4
+    again = bs.export.compile(net, kernel="auto", batch_size=3, timing_cache=cache)
+    assert len(calls) == 4 and all(r["cached"] for r in kernel_report(again))
+
+
+def test_auto_tells_apart_densities_and_geometries(monkeypatch):
+    calls = _count_timings(monkeypatch)
+    torch.manual_seed(0)
+    net = nn.Sequential(_pruned(nn.Linear(32, 32), 0.1), _pruned(nn.Linear(32, 32), 0.02),
+                        _pruned(nn.Linear(32, 32, bias=False), 0.1)).eval()
+    bs.export.compile(net, kernel="auto")
+    assert len(calls) == 3
+    with pytest.raises(TypeError, match="timing_cache must be a dict"):
+        bs.export.compile(net, kernel="auto", timing_cache=[])
+
+
+def test_bsr_is_timed_only_for_well_filled_blocks():
+    from bayes_sparse.export.kernels import _candidates
+    torch.manual_seed(0)
+    scattered = _pruned(nn.Linear(64, 64), 0.1)
+    blocky = nn.Linear(64, 64)
+    with torch.no_grad():
+        blocky.weight.mul_((torch.rand(16, 16) < 0.1).repeat_interleave(4, 0).repeat_interleave(4, 1))
+    assert "bsr" not in _candidates(scattered) and "bsr" in _candidates(blocky)
+    assert _candidates(scattered)[0] == "dense"
+
+
+def _busy(seconds):
+    def f():
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    return f
+
+
+def test_time_candidates_drops_losers_after_one_round_and_stops_at_the_floor():
+    from bayes_sparse.export.kernels import _ROUNDS, _time_candidates
+    counts = {}
+
+    def make(kind):
+        counts[kind] = 0
+        f = _busy({"dense": 4e-4, "csr": 1e-4, "bsr": 4e-3}[kind])
+
+        def call():
+            counts[kind] += 1
+            f()
+        return call
+
+    t = _time_candidates(["dense", "csr", "bsr"], make)
+    assert set(t) == {"dense", "csr", "bsr"} and min(t, key=t.get) == "csr"
+    assert t["bsr"] > 2 * t["csr"] and counts["bsr"] == 2  # warm-up and the first round, then dropped
+    assert counts["csr"] > _ROUNDS
+    counts.clear()
+    t = _time_candidates(["dense", "csr"], make, floor=_busy(1e-3))  # im2col alone slower than dense
+    assert list(t) == ["dense"] and set(counts) == {"dense"}
+
+
+def test_auto_conv_choice_is_among_what_was_timed_and_matches_dense():
+    torch.manual_seed(0)
+    net = nn.Sequential(_pruned(nn.Conv2d(8, 16, 3, padding=1), 0.05), nn.ReLU(),
+                        _pruned(nn.Conv2d(16, 16, 1), 0.05)).eval()
+    x = torch.randn(1, 8, 12, 12)
+    fast = bs.export.compile(net, kernel="auto", example_input=x)
+    for r in kernel_report(fast):
+        assert "dense" in r["timings"] and r["kernel"] == min(r["timings"], key=r["timings"].get)
+    torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)

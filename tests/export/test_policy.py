@@ -171,3 +171,36 @@ def test_encode_weight_takes_a_posterior_that_requires_grad():
     std = torch.full((10, 20), 50.0, requires_grad=True) * 1.0  # .numpy() refuses it without detach()
     enc = _policy.encode_weight("w", t, "auto", std, 0.1)
     assert enc.report["encoding"].split(" + ")[1].startswith("2-bit codebook")
+
+
+# ----- codec effort --------------------------------------------------------------------------------
+@pytest.mark.parametrize("effort", ["auto", "fast", "best"])
+def test_check_effort_accepts(effort):
+    _policy.check_effort(effort)
+
+
+@pytest.mark.parametrize("effort", ["Fast", "max", "", None, 1])
+def test_check_effort_refuses(effort):
+    with pytest.raises(ValueError, match=r"effort must be one of \('auto', 'fast', 'best'\)"):
+        _policy.check_effort(effort)
+
+
+def test_auto_effort_is_best_for_small_models_and_fast_for_large_ones():
+    n = _policy.AUTO_BEST_NNZ
+    assert [_policy.resolve_effort("auto", k) for k in (0, n, n + 1)] == ["best", "best", "fast"]
+    assert [_policy.resolve_effort(e, 10 * n) for e in ("fast", "best")] == ["fast", "best"]
+    assert [_policy.resolve_effort(e, 0) for e in ("fast", "best")] == ["fast", "best"]
+
+
+@pytest.mark.parametrize("values", ["float32", "float16", 4])
+@pytest.mark.parametrize("density", [0.002, 0.03, 0.3])
+def test_fast_effort_round_trips_and_best_is_never_larger(values, density):
+    t = _masked(20000, density, seed=5).reshape(100, 200)
+    fast = _policy.encode_weight("w", t, values, None, 0.1, effort="fast")
+    best = _policy.encode_weight("w", t, values, None, 0.1, effort="best")
+    assert best.report["bytes"] <= fast.report["bytes"]
+    assert all(c["codec"] == "zlib" for c in fast.entry.get("codecs", {}).values())
+    assert torch.equal(_decode(fast), _decode(best))
+    assert torch.equal(_decode(fast) != 0, t != 0)
+    if values == "float32":
+        assert torch.equal(_decode(fast), t)
