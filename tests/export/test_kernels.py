@@ -219,3 +219,24 @@ def test_auto_conv_choice_is_among_what_was_timed_and_matches_dense():
     for r in kernel_report(fast):
         assert "dense" in r["timings"] and r["kernel"] == min(r["timings"], key=r["timings"].get)
     torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr", "bsr", "fast_csr"])
+def test_compiled_layers_expose_their_dense_weight_to_readers(kind):
+    from bayes_sparse.export.kernels import _supported
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.Conv2d(1, 4, 3))
+    with torch.no_grad():
+        for m in net:
+            m.weight.mul_(torch.rand_like(m.weight) > 0.7)
+    if not _supported(net[0], kind):
+        pytest.skip(f"{kind} unavailable here")
+    compiled = bs.export.compile(net, kernel=kind, max_density=1.0)
+    for a, b in zip(compiled, net):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    compiled = bs.export.compile(mha, kernel=kind, max_density=1.0)  # the attention code reads out_proj.weight
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, x, x)[0], mha(x, x, x)[0], rtol=1e-5, atol=1e-5)
