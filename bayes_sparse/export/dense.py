@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from .._validation import check_module
-from ..layers.base import SparseLayer, replace_each_, sparse_layers
+from ..layers.base import ParameterHolder, SparseLayer, sparse_layers
 from ..layers.parameter import detach_
 
 __all__ = ["dense_copy", "to_dense"]
@@ -42,11 +42,15 @@ def to_dense(model: nn.Module) -> nn.Module:
         raise RuntimeError(f"layers {unfixed} have no fixed mask; call bayes_sparse.threshold_(model) before to_dense")
     if isinstance(model, SparseLayer):
         return model.to_dense()
-    out = copy.deepcopy(model)
-    memo: dict = {}
+    # each sparse layer is copied straight into its dense twin (its method state is never copied); a layer
+    # used at several places stays one module
+    memo: dict = {id(m): m.to_dense() for m in model.modules()
+                  if isinstance(m, SparseLayer) and m.dense_type is not ParameterHolder}
+    out = copy.deepcopy(model, memo)
+    held: dict = {}
     for m in list(out.modules()):  # held parameters go back into their modules, tied ones re-tied
-        detach_(m, memo)
-    return replace_each_(out, lambda _, m: isinstance(m, SparseLayer), lambda _, m: m.to_dense())
+        detach_(m, held)
+    return out
 
 
 def dense_copy(model: nn.Module) -> nn.Module:

@@ -420,7 +420,8 @@ class SparseLayer:
 
     def to_dense(self) -> nn.Module:
         """The plain torch twin with the masked weights (the class this layer was converted from, if any)."""
-        dense = getattr(self, "_dense_origin", self.dense_type)(**dense_kwargs(self))
+        # built without its random initialisation (every value is overwritten below)
+        dense = torch.nn.utils.skip_init(getattr(self, "_dense_origin", self.dense_type), **dense_kwargs(self))
         with torch.no_grad():
             dense.weight.copy_(self.masked_weight())
             if self.bias is not None:
