@@ -16,6 +16,7 @@ pytest.importorskip("accelerate")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import bayes_sparse as bs  # noqa: E402
+from tests.integrations._reference import ltp_penalty_by_hand  # noqa: E402
 from bayes_sparse.integrations.hf import SparseTrainer, SparsifyTrainerCallback, add_regularizer  # noqa: E402
 
 N, BATCH, D_IN, N_CLASSES = 256, 32, 8, 3
@@ -66,17 +67,6 @@ def make_args(tmp_path, epochs: int = 3, **kwargs) -> TrainingArguments:
                 dataloader_num_workers=0)
     base.update(kwargs)
     return TrainingArguments(**base)
-
-
-def ltp_penalty_by_hand(model: nn.Module) -> torch.Tensor:
-    """The LTP soft-L0 penalty from its definition (not through bs.regularizer)."""
-    total = torch.zeros(())
-    for m in model.modules():
-        if isinstance(m, bs.LTP):
-            w = m.raw_weight
-            soft = torch.sigmoid((w * w - m.tau) / (m.temperature * m.weight_scale2))
-            total = total + m.penalty * m.reg_weight * soft.sum()
-    return total
 
 
 class SpyTrainer(SparseTrainer):

@@ -14,6 +14,7 @@ pytest.importorskip("lightning")
 import lightning.pytorch as pl  # noqa: E402
 
 import bayes_sparse as bs  # noqa: E402
+from tests.integrations._reference import ltp_penalty_by_hand  # noqa: E402
 from bayes_sparse.integrations.lightning import SparsifyCallback, add_regularizer  # noqa: E402
 
 # Lightning 2.6 on torch 2.14 warns about a torch pytree deprecation on every fit; not ours
@@ -56,17 +57,6 @@ class Lit(pl.LightningModule):
 def make_trainer(callbacks, epochs: int, **kwargs) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs)
-
-
-def ltp_penalty_by_hand(net: nn.Module) -> torch.Tensor:
-    """The LTP soft-L0 penalty from its definition (not through bs.regularizer)."""
-    total = torch.zeros(())
-    for m in net.modules():
-        if isinstance(m, bs.LTP):
-            w = m.raw_weight
-            soft = torch.sigmoid((w * w - m.tau) / (m.temperature * m.weight_scale2))
-            total = total + m.penalty * m.reg_weight * soft.sum()
-    return total
 
 
 class Recorder(pl.Callback):
