@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ._validation import check_module
-from .layers.base import SUPPORTED_DENSE_TYPES, SparseLayer
+from .layers.base import SUPPORTED_DENSE_TYPES, ParameterHolder, SparseLayer
+from .layers.parameter import held_parameters
 
 __all__ = ["LayerStats", "SparsityReport", "report"]
 
@@ -56,8 +57,9 @@ def _json_float(x: float) -> float | None:
 class SparsityReport(_Ratios):
     """Per-layer table and totals. ``print(report)`` shows a table; :meth:`to_dict`/:meth:`to_json` serialize.
 
-    Compression is total weights / non-zero weights over the Linear and Conv layers (biases excluded), the
-    convention of the SparseVD and Deep Compression papers.
+    Compression is total weights / non-zero weights over the weight matrices and kernels (Linear and Conv
+    layers, and any other parameter with 2+ dimensions: attention projections, RNN weights, embeddings;
+    biases and norms excluded), the convention of the SparseVD and Deep Compression papers.
     """
 
     layers: tuple[LayerStats, ...]
@@ -98,7 +100,8 @@ class SparsityReport(_Ratios):
 
 
 def report(model: nn.Module, **extra: Any) -> SparsityReport:
-    """Count weights and non-zeros in every Linear/Conv layer of ``model``.
+    """Count weights and non-zeros in every weight matrix of ``model`` (Linear/Conv layers and any other
+    parameter with 2+ dimensions; a tied weight once).
 
     Sparse layers count the weights their hard mask keeps (fixed by ``threshold_``, else the default
     criterion); plain layers count their non-zero entries, so a model exported with ``to_dense`` reports
@@ -118,14 +121,28 @@ def report(model: nn.Module, **extra: Any) -> SparsityReport:
     """
     check_module(model)
     rows = []
+    seen: set[int] = set()  # a tied weight is counted once
+
+    def add(row_name: str, kind: str, w: torch.Tensor, nnz_of) -> None:
+        if id(w) not in seen:
+            seen.add(id(w))
+            rows.append(LayerStats(row_name, kind, tuple(w.shape), w.numel(), int(nnz_of())))
+
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, SparseLayer):
-                nnz = int((m.hard_mask() & (m.raw_weight != 0)).sum())
-            elif isinstance(m, SUPPORTED_DENSE_TYPES):
-                nnz = int((m.weight != 0).sum())
-            else:
+                if m.dense_type is not ParameterHolder:  # held parameters are listed under their owner
+                    add(name, type(m).__name__, m.raw_weight, lambda m=m: (m.hard_mask() & (m.raw_weight != 0)).sum())
                 continue
-            w = m.raw_weight if isinstance(m, SparseLayer) else m.weight
-            rows.append(LayerStats(name, type(m).__name__, tuple(w.shape), w.numel(), nnz))
+            prefix = f"{name}." if name else ""
+            held = held_parameters(m)
+            for pname, holder in held.items():
+                add(prefix + pname, f"{type(m)._sparse_owner_base.__name__} ({type(holder).__name__})",
+                    holder.raw_weight, lambda h=holder: (h.hard_mask() & (h.raw_weight != 0)).sum())
+            if isinstance(m, SUPPORTED_DENSE_TYPES) and not held:
+                add(name, type(m).__name__, m.weight, lambda m=m: (m.weight != 0).sum())
+                continue
+            for pname, p in m._parameters.items():  # other weight matrices: attention, RNN, embeddings, ...
+                if p is not None and p.dim() >= 2:
+                    add(prefix + pname, type(m).__name__, p, lambda p=p: (p != 0).sum())
     return SparsityReport(tuple(rows), dict(extra))

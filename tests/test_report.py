@@ -33,3 +33,15 @@ def test_empty_layer_compression_is_inf_and_json_null():
     rep = bs.report(layer)
     assert rep.compression == float("inf") and rep.to_dict()["total"]["compression"] is None
     assert "inf" in str(rep)
+
+
+def test_report_counts_attention_rnn_and_tied_weights_like_the_dense_export():
+    from tests.test_architectures import TiedLM
+
+    for make in (TiedLM, lambda: nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)):
+        net = bs.sparsify(make(), method="magnitude")
+        bs.threshold_(net, sparsity=0.75)
+        sparse, dense = bs.report(net), bs.report(bs.to_dense(net))
+        assert sparse.weights == dense.weights == sum(p.numel() for p in set(make().parameters()) if p.dim() >= 2)
+        assert sparse.nonzero == dense.nonzero
+        assert sparse.density == pytest.approx(0.25, abs=0.01)
