@@ -98,3 +98,53 @@ def test_local_reparam_moments_match_weight_sampling(nd):
 def test_conv_nd_rejects_bad_rank():
     with pytest.raises(ValueError, match="1-3 spatial dims"):
         BF.conv_nd(torch.randn(1, 1, 2, 2, 2, 2), torch.randn(1, 1, 1, 1, 1, 1))
+
+
+def test_fused_vd_weight_stats_equal_the_composed_formulas_value_and_gradient():
+    torch.manual_seed(0)
+    theta = (torch.randn(9, 6, dtype=torch.float64) * 0.5).requires_grad_()
+    log_sigma2 = (torch.randn(9, 6, dtype=torch.float64) * 4 - 4).requires_grad_()  # some log alpha clipped
+    mask = torch.rand(9, 6) > 0.3
+    for m in (None, mask):
+        def composed(t, s):
+            la = BF.log_alpha(t, s)
+            kl = BF.kl_log_uniform(la)
+            return torch.exp(la) * t * t, (kl * m.double()).sum() if m is not None else kl.sum()
+
+        def fused(t, s):
+            var_w, kl, _ = BF.vd_weight_stats(t, s, m)
+            return var_w, kl
+
+        assert torch.autograd.gradcheck(fused, (theta, log_sigma2))
+        cot = (torch.randn(9, 6, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64))
+        for a, b in zip(composed(theta, log_sigma2), fused(theta, log_sigma2)):
+            torch.testing.assert_close(a, b)
+        ga = torch.autograd.grad(composed(theta, log_sigma2), (theta, log_sigma2), cot)
+        gb = torch.autograd.grad(fused(theta, log_sigma2), (theta, log_sigma2), cot)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b)
+
+
+def test_vd_layer_reuses_the_forward_kl_and_never_serializes_it():
+    import copy
+    import pickle
+
+    import bayes_sparse as bs
+
+    layer = bs.VDLinear(6, 4)
+    with torch.no_grad():
+        layer.log_sigma2.uniform_(-6, 0)
+    layer(torch.randn(3, 6))
+    assert "_kl_cache" in layer.__dict__
+    expected = BF.kl_log_uniform(BF.log_alpha(layer.raw_weight, layer.log_sigma2)).sum()
+    torch.testing.assert_close(layer.regularizer(), expected)  # from the cache
+    assert "_kl_cache" not in layer.__dict__
+    torch.testing.assert_close(layer.regularizer(), expected)  # computed afresh
+    layer(torch.randn(3, 6))
+    with torch.no_grad():
+        layer.log_sigma2.add_(1.0)  # the parameters moved: the cached value is stale and not used
+    moved = BF.kl_log_uniform(BF.log_alpha(layer.raw_weight, layer.log_sigma2)).sum()
+    torch.testing.assert_close(layer.regularizer(), moved)
+    layer(torch.randn(3, 6))
+    twin = pickle.loads(pickle.dumps(layer))
+    assert "_kl_cache" not in twin.__dict__ and "_kl_cache" not in copy.deepcopy(layer).__dict__

@@ -465,6 +465,12 @@ class SparseLayer:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state) if state is not None else dict(self.__dict__)
+        state.pop("_kl_cache", None)  # a per-step value carrying an autograd graph, never part of the model
+        return state
+
     def __reduce_ex__(self, protocol: Any) -> Any:
         if type(self).__dict__.get("_generated"):  # rebuilt through the cache, so on-demand classes pickle too
             return (_new_sparse_layer, (type(self)._method_class, type(self).dense_type), self.__getstate__())
