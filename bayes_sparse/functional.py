@@ -27,6 +27,7 @@ __all__ = [
     "LOG_ALPHA_CLIP",
     "conv_nd",
     "hard_concrete_cdf",
+    "hard_concrete_gates",
     "hard_concrete_log_density",
     "hard_concrete_prob_nonzero",
     "hard_concrete_sample",
@@ -319,3 +320,60 @@ def vd_weight_stats(theta: Tensor, log_sigma2: Tensor, mask: Optional[Tensor] = 
     if mask is not None:
         mask = mask.to(theta.dtype)
     return _VDWeightStats.apply(theta, log_sigma2, mask, clip)
+
+
+class _HardConcreteGates(torch.autograd.Function):
+    """Fused hard-concrete gates and expected-L0 sum, one autograd node with a hand-derived backward.
+
+    ``g = clamp(s (zeta - gamma) + gamma, 0, 1)`` with ``s = sigmoid((logit u + log alpha) / beta)``:
+    ``dg / d log alpha = (zeta - gamma) s (1 - s) / beta`` where ``0 < g < 1`` (0 where clamped);
+    ``P = sigmoid(log alpha - beta log(-gamma / zeta))``: ``dP / d log alpha = P (1 - P)``.
+    """
+
+    @staticmethod
+    def forward(ctx, log_alpha: Tensor, u: Tensor, mask: Optional[Tensor], beta: float, gamma: float, zeta: float):
+        u = u.clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+        stretched = s * (zeta - gamma) + gamma
+        gates = stretched.clamp(0.0, 1.0)
+        p = torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
+        l0 = (p * mask).sum() if mask is not None else p.sum()
+        ctx.save_for_backward(s, (stretched > 0) & (stretched < 1), p, mask)
+        ctx.constants = (beta, gamma, zeta)
+        return gates, l0
+
+    @staticmethod
+    def backward(ctx, g_gates: Optional[Tensor], g_l0: Optional[Tensor]):
+        s, inside, p, mask = ctx.saved_tensors
+        beta, gamma, zeta = ctx.constants
+        grad = torch.zeros_like(s)
+        if g_gates is not None:
+            grad = g_gates * inside * ((zeta - gamma) / beta) * s * (1 - s)
+        if g_l0 is not None:
+            dp = p * (1 - p)
+            grad = grad + g_l0 * (dp * mask if mask is not None else dp)
+        return grad, None, None, None, None, None
+
+
+def hard_concrete_gates(log_alpha: Tensor, mask: Optional[Tensor] = None, u: Optional[Tensor] = None,
+                        beta: float = HC_BETA, gamma: float = HC_GAMMA,
+                        zeta: float = HC_ZETA) -> tuple[Tensor, Tensor]:
+    """One draw of the hard-concrete gates and the expected L0 (summed, optionally over a mask), fused.
+
+    Equal, value and gradient, to :func:`hard_concrete_sample` with the same ``u`` and
+    ``hard_concrete_prob_nonzero(log_alpha).sum()`` (checked by ``gradcheck``).
+
+    Args:
+        log_alpha: Gate locations.
+        mask: Optional mask of the gates whose L0 counts.
+        u: Uniform(0, 1) noise shaped like ``log_alpha``; drawn with ``torch.rand_like`` when omitted.
+        beta, gamma, zeta: Temperature and stretch interval.
+
+    Returns:
+        ``(gates, expected L0)``.
+    """
+    if u is None:
+        u = torch.rand_like(log_alpha)
+    if mask is not None:
+        mask = mask.to(log_alpha.dtype)
+    return _HardConcreteGates.apply(log_alpha, u, mask, beta, gamma, zeta)

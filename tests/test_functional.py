@@ -135,10 +135,10 @@ def test_vd_layer_reuses_the_forward_kl_and_never_serializes_it():
     with torch.no_grad():
         layer.log_sigma2.uniform_(-6, 0)
     layer(torch.randn(3, 6))
-    assert "_kl_cache" in layer.__dict__
+    assert "_reg_cache" in layer.__dict__
     expected = BF.kl_log_uniform(BF.log_alpha(layer.raw_weight, layer.log_sigma2)).sum()
     torch.testing.assert_close(layer.regularizer(), expected)  # from the cache
-    assert "_kl_cache" not in layer.__dict__
+    assert "_reg_cache" not in layer.__dict__
     torch.testing.assert_close(layer.regularizer(), expected)  # computed afresh
     layer(torch.randn(3, 6))
     with torch.no_grad():
@@ -147,4 +147,26 @@ def test_vd_layer_reuses_the_forward_kl_and_never_serializes_it():
     torch.testing.assert_close(layer.regularizer(), moved)
     layer(torch.randn(3, 6))
     twin = pickle.loads(pickle.dumps(layer))
-    assert "_kl_cache" not in twin.__dict__ and "_kl_cache" not in copy.deepcopy(layer).__dict__
+    assert "_reg_cache" not in twin.__dict__ and "_reg_cache" not in copy.deepcopy(layer).__dict__
+
+
+def test_fused_hard_concrete_gates_equal_the_composed_formulas():
+    torch.manual_seed(1)
+    log_alpha = (torch.randn(8, 5, dtype=torch.float64) * 3).requires_grad_()
+    u = torch.rand(8, 5, dtype=torch.float64)
+    mask = torch.rand(8, 5) > 0.4
+    for m in (None, mask):
+        def fused(la):
+            return BF.hard_concrete_gates(la, m, u)
+
+        def composed(la):
+            p = BF.hard_concrete_prob_nonzero(la)
+            return BF.hard_concrete_sample(la, u), (p * m.double()).sum() if m is not None else p.sum()
+
+        assert torch.autograd.gradcheck(fused, (log_alpha,))
+        cot = (torch.randn(8, 5, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64))
+        for a, b in zip(composed(log_alpha), fused(log_alpha)):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(torch.autograd.grad(composed(log_alpha), log_alpha, cot),
+                        torch.autograd.grad(fused(log_alpha), log_alpha, cot)):
+            torch.testing.assert_close(a, b)

@@ -262,6 +262,26 @@ class SparseLayer:
         return self._affine(x, self.sample_weight(), self.bias)
 
     # ----- helpers for methods ---------------------------------------------------------------------
+    def _stats_key(self) -> tuple:
+        """Versions of everything a per-step statistic depends on (parameters, buffers, options, mask)."""
+        return (*(p._version for p in self._parameters.values() if p is not None),
+                *(b._version for b in self._buffers.values() if b is not None),
+                *(getattr(self, k) for k in (*self.options, *self.state_attributes)), self.mask_fixed)
+
+    def _keep_for_regularizer(self, value: Tensor) -> None:
+        """Remember a regularizer term the training forward computed anyway (see :meth:`_reuse_for_regularizer`)."""
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._reg_cache = (value, self._stats_key())
+
+    def _reuse_for_regularizer(self) -> Optional[Tensor]:
+        """The term kept by the last training forward, once, if no parameter or mask changed since."""
+        if torch.compiler.is_compiling():
+            return None
+        cached = self.__dict__.pop("_reg_cache", None)
+        if cached is not None and torch.is_grad_enabled() and cached[1] == self._stats_key():
+            return cached[0]
+        return None
+
     def check_threshold(self, threshold: Optional[float], default: float) -> float:
         """``default`` when ``threshold`` is None, else ``threshold`` checked against the method's range."""
         if threshold is None:
@@ -468,7 +488,7 @@ class SparseLayer:
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state = dict(state) if state is not None else dict(self.__dict__)
-        state.pop("_kl_cache", None)  # a per-step value carrying an autograd graph, never part of the model
+        state.pop("_reg_cache", None)  # a per-step value carrying an autograd graph, never part of the model
         return state
 
     def __reduce_ex__(self, protocol: Any) -> Any:

@@ -90,10 +90,17 @@ class L0(SparseLayer):
         return w * BF.hard_concrete_test_gate(self.log_alpha) * self.hard_mask().to(w.dtype)
 
     def regularizer(self) -> Tensor:
+        """``penalty * sum P(gate != 0)`` over the kept weights; a training forward computes the sum in the same
+        fused pass as its gates, and the next call here takes it while the parameters are unchanged."""
+        cached = self._reuse_for_regularizer()
+        if cached is not None:
+            return self.penalty * cached
         return self.penalty * self._masked_sum(BF.hard_concrete_prob_nonzero(self.log_alpha))
 
     def sample_weight(self) -> Tensor:
-        return self._train_weight() * self.gates().rsample()
+        gates, l0 = BF.hard_concrete_gates(self.log_alpha, self.weight_mask if self.mask_fixed else None)
+        self._keep_for_regularizer(l0)
+        return self._train_weight() * gates
 
 
 L0Linear = L0[nn.Linear]

@@ -114,7 +114,9 @@ class LTP(SparseLayer):
         return w * w > self.tau
 
     def regularizer(self) -> Tensor:
-        return self.penalty * self._masked_sum(self.soft_mask())
+        """``penalty * sum(soft mask)`` over the kept weights (the training forward's soft mask reused)."""
+        soft = self._reuse_for_regularizer()
+        return self.penalty * self._masked_sum(self.soft_mask() if soft is None else soft)
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Warm-up, and the temperature annealed geometrically from ``temperature`` to ``final_temperature``."""
@@ -129,7 +131,9 @@ class LTP(SparseLayer):
         return self
 
     def sample_weight(self) -> Tensor:
-        return self._train_weight() * self.soft_mask()
+        soft = self.soft_mask()
+        self._keep_for_regularizer(soft)
+        return self._train_weight() * soft
 
 
 LTPLinear = LTP[nn.Linear]

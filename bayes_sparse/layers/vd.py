@@ -106,15 +106,12 @@ class VD(SparseLayer):
         (:func:`~bayes_sparse.functional.vd_weight_stats`); the next call here takes it from there while the
         parameters are unchanged, so a step pays for the per-weight maths once.
         """
-        if not torch.compiler.is_compiling():
-            cached = self.__dict__.pop("_kl_cache", None)
-            if cached is not None and torch.is_grad_enabled() and cached[1] == self._stats_key():
-                return cached[0]
+        cached = self._reuse_for_regularizer()
+        if cached is not None:
+            return cached
         mask = self.weight_mask if self.mask_fixed else None
         return BF.vd_weight_stats(self.raw_weight, self.log_sigma2, mask)[1]
 
-    def _stats_key(self) -> tuple:
-        return (self.raw_weight._version, self.log_sigma2._version, self.mask_fixed, self.weight_mask._version)
 
     def sample_weight(self) -> Tensor:
         """``theta + sqrt(alpha) |theta| eps``: one draw of the whole weight (readers outside ``forward``)."""
@@ -125,8 +122,7 @@ class VD(SparseLayer):
         """Local reparameterization: ``N(op(x, theta) + b, op(x^2, alpha theta^2))``, the per-weight maths fused."""
         w = self._train_weight()
         var_w, kl, _ = BF.vd_weight_stats(w, self.log_sigma2, self.weight_mask if self.mask_fixed else None)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._kl_cache = (kl, self._stats_key())
+        self._keep_for_regularizer(kl)
         mean = self._affine(x, w, self.bias)
         var = self._affine(x * x, var_w, None) + BF.VAR_EPS
         return mean + var.sqrt() * torch.randn_like(mean)
