@@ -52,7 +52,7 @@ class _Matmul(nn.Module):
         w = weight.detach()
         self.dtype, self.device = w.dtype, w.device
         self.bias = None if bias is None else bias.detach().to(w.dtype).clone().contiguous()
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta", category=UserWarning)
         if kind == "dense":
             self.weight = w.contiguous()
         elif kind == "csr":
