@@ -166,23 +166,36 @@ class SparseKernel(nn.Module):
                 p.requires_grad_(False)
         else:
             self.mm = _Matmul(w, layer.bias, kind)
+        self._refresh()
 
     def _describe(self) -> str:
         name = f" {self.name!r}" if self.name else ""
         return f"compiled {self.source_type}{name} (kernel {self.kind!r})"
 
-    def _check(self, x: Any) -> None:
-        """Raise unless ``x`` is an input this layer can run: type, dtype, device, then shape."""
+    def _refresh(self) -> None:
+        """Cache the dtype and device inputs must have (read on every call; ``nn.Module`` attribute lookups of
+        submodules are slow): the kernel's storage, or the torch layer's weight for a dense convolution."""
+        store = self.layer.weight if self.conv and self.kind == "dense" else self.mm
+        self._dtype, self._device = store.dtype, store.device
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "SparseKernel":
+        out = super()._apply(fn, recurse)  # .to(), .double(), ...: moves a dense convolution's torch layer
+        self._refresh()
+        return out
+
+    def _refuse(self, x: Any) -> None:
+        """Raise the error that says why ``x`` is no input for this layer (type, dtype, device, then shape);
+        return when it is one after all (another dtype under autocast, on the masked dense kernel)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"{self._describe()} expects a torch.Tensor input, got {type(x).__name__}")
-        store = self.layer.weight if self.conv and self.kind == "dense" else self.mm
-        if x.dtype != store.dtype and not (self.kind == "dense" and torch.is_autocast_enabled(x.device.type)):
-            raise TypeError(f"{self._describe()} expects {store.dtype} inputs (the dtype of its weights), got "
-                            f"{x.dtype}; convert the input with x.to({store.dtype}), or compile the model in the "
+        dtype, device = self._dtype, self._device
+        if x.dtype != dtype and not (self.kind == "dense" and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"{self._describe()} expects {dtype} inputs (the dtype of its weights), got "
+                            f"{x.dtype}; convert the input with x.to({dtype}), or compile the model in the "
                             "input's dtype")
-        if x.device != store.device:
-            raise ValueError(f"{self._describe()} has its weights on {store.device}, got an input on {x.device}; "
-                             f"move the input with x.to('{store.device}')")
+        if x.device != device:
+            raise ValueError(f"{self._describe()} has its weights on {device}, got an input on {x.device}; "
+                             f"move the input with x.to('{device}')")
         d, n = x.dim(), self.in_features
         if not self.conv:
             if d == 0 or x.shape[-1] != n:
@@ -237,12 +250,19 @@ class SparseKernel(nn.Module):
         return xt, b, oh, ow
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
+        # the checks run on every call: the cheap tests inline, the error messages in _refuse
+        if not (isinstance(x, Tensor) and x.dtype == self._dtype and x.device == self._device):
+            self._refuse(x)
+        d = x.dim()
         if not self.conv:
-            if x.dim() == 2:
+            if d == 0 or x.shape[-1] != self.in_features:
+                self._refuse(x)
+            if d == 2:
                 return self.mm(x)
             shape = x.shape
             return self.mm(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.mm.out_features)
+        if (d != self.nd + 1 and d != self.nd + 2) or x.shape[-self.nd - 1] != self.in_features:
+            self._refuse(x)
         if self.kind == "dense":
             return self.layer(x)
         return self._conv(x)

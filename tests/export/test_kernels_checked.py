@@ -117,6 +117,16 @@ def test_a_float64_model_with_auto_times_and_runs_in_float64():
         torch.testing.assert_close(fast(x[0]), net[0](x[0]), rtol=1e-12, atol=1e-12)
 
 
+def test_checks_follow_a_dense_convolution_moved_after_compiling():
+    torch.manual_seed(0)
+    conv = _pruned(nn.Conv2d(2, 4, 3))
+    fast = bs.export.compile(conv, kernel="dense").double()  # the torch layer inside moves, and the check with it
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(fast(x), conv.double()(x))
+    with pytest.raises(TypeError, match="expects torch.float64 inputs"):
+        fast(x.float())
+
+
 def test_the_masked_dense_kernel_runs_under_autocast_like_the_model():
     torch.manual_seed(0)
     net = nn.Sequential(_pruned(nn.Linear(16, 8)), nn.ReLU(), _pruned(nn.Linear(8, 4))).eval()
