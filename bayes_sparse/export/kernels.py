@@ -154,7 +154,7 @@ class SparseKernel(nn.Module):
         self.density = float((w != 0).float().mean())
         self.conv = isinstance(layer, nn.modules.conv._ConvNd)
         self.nd = len(layer.kernel_size) if self.conv else 0
-        self.in_features = layer.in_channels if self.conv else layer.in_features
+        self._n_in = layer.in_channels if self.conv else layer.in_features  # checked on every call
         if self.conv and kind != "dense":
             self.kernel_size, self.stride = layer.kernel_size, layer.stride
             self.padding, self.dilation, self.padding_mode = layer.padding, layer.dilation, layer.padding_mode
@@ -196,7 +196,7 @@ class SparseKernel(nn.Module):
         if x.device != device:
             raise ValueError(f"{self._describe()} has its weights on {device}, got an input on {x.device}; "
                              f"move the input with x.to('{device}')")
-        d, n = x.dim(), self.in_features
+        d, n = x.dim(), self._n_in
         if not self.conv:
             if d == 0 or x.shape[-1] != n:
                 raise ValueError(f"{self._describe()} expects inputs of shape (..., {n}) ({n} in-features), got "
@@ -255,13 +255,13 @@ class SparseKernel(nn.Module):
             self._refuse(x)
         d = x.dim()
         if not self.conv:
-            if d == 0 or x.shape[-1] != self.in_features:
+            if d == 0 or x.shape[-1] != self._n_in:
                 self._refuse(x)
             if d == 2:
                 return self.mm(x)
             shape = x.shape
             return self.mm(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.mm.out_features)
-        if (d != self.nd + 1 and d != self.nd + 2) or x.shape[-self.nd - 1] != self.in_features:
+        if (d != self.nd + 1 and d != self.nd + 2) or x.shape[-self.nd - 1] != self._n_in:
             self._refuse(x)
         if self.kind == "dense":
             return self.layer(x)
