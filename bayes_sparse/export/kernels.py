@@ -257,7 +257,7 @@ class SparseKernel(nn.Module):
         if not self.conv:
             if d == 0 or x.shape[-1] != self._n_in:
                 self._refuse(x)
-            if d == 2:
+            if d == 2 or self.kind == "dense":  # F.linear takes any leading dims: the very op of nn.Linear
                 return self.mm(x)
             shape = x.shape
             return self.mm(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.mm.out_features)
