@@ -12,6 +12,7 @@ stay on the masked dense kernel.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -38,15 +39,20 @@ _BSR_BLOCK = 4
 
 
 class _Matmul(nn.Module):
-    """``x @ W^T + b`` for x of shape (batch, in) with W stored in one of the kernel formats."""
+    """``x @ W^T + b`` for x of shape (batch, in) with W stored in one of the kernel formats.
+
+    The storage keeps the weight's dtype and device (``fast_csr``: float32 on the CPU only). Inputs are not
+    checked here: :class:`SparseKernel` checks them before calling.
+    """
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], kind: str) -> None:
         super().__init__()
         self.kind = kind
         self.out_features, self.in_features = weight.shape
-        self.bias = None if bias is None else bias.detach().clone().float().contiguous()
-        w = weight.detach().float()
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        w = weight.detach()
+        self.dtype, self.device = w.dtype, w.device
+        self.bias = None if bias is None else bias.detach().to(w.dtype).clone().contiguous()
+        warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta", category=UserWarning)
         if kind == "dense":
             self.weight = w.contiguous()
         elif kind == "csr":
@@ -54,11 +60,14 @@ class _Matmul(nn.Module):
         elif kind == "bsr":
             self.weight = w.to_sparse_bsr((_BSR_BLOCK, _BSR_BLOCK))
         elif kind == "fast_csr":
+            if w.dtype != torch.float32 or w.device.type != "cpu":
+                raise TypeError(f"kernel 'fast_csr' runs float32 weights on the CPU, got {w.dtype} on {w.device}")
             c = w.to_sparse_csr()
-            self.rowptr = c.crow_indices().to(torch.int64)
+            self.rowptr = c.crow_indices().to(torch.int64).contiguous()
             idx_dtype = torch.int16 if self.in_features <= 32767 else torch.int32
-            self.col = c.col_indices().to(idx_dtype)
+            self.col = c.col_indices().to(idx_dtype).contiguous()
             self.val = c.values().contiguous()
+            _csrkernel.check_csr(self.rowptr, self.col, self.val, (self.out_features, self.in_features))
         else:
             raise ValueError(f"unknown kernel {kind!r}; known: {', '.join(KERNELS)}")
 
@@ -66,21 +75,44 @@ class _Matmul(nn.Module):
         if self.kind == "dense":
             return F.linear(x, self.weight, self.bias)
         if self.kind == "fast_csr":
-            return _csrkernel.spmm(self.rowptr, self.col, self.val, x.contiguous(), self.bias)
+            return _csrkernel.spmm(self.rowptr, self.col, self.val, x, self.bias, self.in_features)
         y = torch.mm(self.weight, x.t()).t()
         return y + self.bias if self.bias is not None else y
 
     def forward_t(self, xt: Tensor) -> Tensor:
         """``W @ xt + b[:, None]`` for xt of shape (in, n): the layout of im2col columns (no transposes)."""
         if self.kind == "fast_csr":
-            return _csrkernel.spmm_t(self.rowptr, self.col, self.val, xt, self.bias)
+            return _csrkernel.spmm_t(self.rowptr, self.col, self.val, xt, self.bias, self.in_features)
         y = torch.mm(self.weight, xt)
         return y + self.bias[:, None] if self.bias is not None else y
 
 
-def _supported(layer: nn.Module, kind: str) -> bool:
+@functools.lru_cache(maxsize=None)
+def _runs(kind: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``kind`` runs weights of ``dtype`` on ``device``: ``fast_csr`` is float32 on the CPU (and a
+    compiler); torch's sparse kernels are tried once on a small matrix (on the CPU they lack float16 and
+    bfloat16, for one)."""
     if kind == "dense":
         return True
+    if kind == "fast_csr":
+        return dtype == torch.float32 and device.type == "cpu" and _csrkernel.available()
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return False
+    try:
+        w = torch.eye(2 * _BSR_BLOCK, dtype=dtype, device=device)
+        mm = _Matmul(w, torch.zeros(2 * _BSR_BLOCK, dtype=dtype, device=device), kind)
+        x = torch.ones(3, 2 * _BSR_BLOCK, dtype=dtype, device=device)
+        return bool(torch.equal(mm(x), x)) and bool(torch.equal(mm.forward_t(x.t()), x.t()))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+def _supported(layer: nn.Module, kind: str) -> bool:
+    """Whether ``kind`` can run ``layer``: its geometry, and its weight's dtype and device."""
+    if kind == "dense":
+        return True
+    if not _runs(kind, layer.weight.dtype, layer.weight.device):
+        return False
     if isinstance(layer, (nn.Conv3d,)) or (isinstance(layer, nn.modules.conv._ConvNd) and layer.groups != 1):
         return False
     if isinstance(layer, nn.modules.conv._ConvNd) and isinstance(layer.padding, str):
@@ -88,35 +120,42 @@ def _supported(layer: nn.Module, kind: str) -> bool:
     if kind == "bsr":
         rows, cols = layer.weight.shape[0], layer.weight[0].numel()
         return rows % _BSR_BLOCK == 0 and cols % _BSR_BLOCK == 0
-    if kind == "fast_csr":
-        return _csrkernel.available()
     return True
 
 
 class SparseKernel(nn.Module):
     """Inference-only stand-in for one Linear/Conv1d/Conv2d layer, running on ``kind``.
 
+    Every call checks its input before running the kernel: a tensor of the layer's dtype, on its device,
+    with the layer's in-features in the last dimension (Linear) or shaped (N, C, *spatial) or (C, *spatial)
+    with the layer's in-channels (convolutions). Any strides are accepted (non-contiguous views,
+    channels-last): the kernels that need a contiguous input copy it.
+
     Attributes:
         kind: The kernel (one of :data:`KERNELS`).
         timings: Seconds per call of each candidate when chosen by ``kernel="auto"`` (else empty).
         cached: Whether ``timings`` were measured on an earlier layer of the same shape and density.
         density: Fraction of non-zero weights.
+        name: The layer's name in the compiled model (set by :func:`compile`; used in error messages).
     """
 
     def __init__(self, layer: nn.Module, kind: str) -> None:
         super().__init__()
         if not _supported(layer, kind):
-            raise ValueError(f"kernel {kind!r} does not support {type(layer).__name__} with this geometry")
+            raise ValueError(f"kernel {kind!r} does not support {type(layer).__name__} with this geometry, dtype "
+                             f"({layer.weight.dtype}) or device ({layer.weight.device})")
         self.kind = kind
         self.source_type = type(layer).__name__
+        self.name = ""
         self._weight_shape = tuple(layer.weight.shape)
         self.timings: dict[str, float] = {}
         self.cached = False
         w = layer.weight.detach()
         self.density = float((w != 0).float().mean())
         self.conv = isinstance(layer, nn.modules.conv._ConvNd)
+        self.nd = len(layer.kernel_size) if self.conv else 0
+        self._n_in = layer.in_channels if self.conv else layer.in_features  # checked on every call
         if self.conv and kind != "dense":
-            self.nd = len(layer.kernel_size)
             self.kernel_size, self.stride = layer.kernel_size, layer.stride
             self.padding, self.dilation, self.padding_mode = layer.padding, layer.dilation, layer.padding_mode
             self.out_channels = layer.out_channels
@@ -127,6 +166,45 @@ class SparseKernel(nn.Module):
                 p.requires_grad_(False)
         else:
             self.mm = _Matmul(w, layer.bias, kind)
+        self._refresh()
+
+    def _describe(self) -> str:
+        name = f" {self.name!r}" if self.name else ""
+        return f"compiled {self.source_type}{name} (kernel {self.kind!r})"
+
+    def _refresh(self) -> None:
+        """Cache the dtype and device inputs must have (read on every call; ``nn.Module`` attribute lookups of
+        submodules are slow): the kernel's storage, or the torch layer's weight for a dense convolution."""
+        store = self.layer.weight if self.conv and self.kind == "dense" else self.mm
+        self._dtype, self._device = store.dtype, store.device
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "SparseKernel":
+        out = super()._apply(fn, recurse)  # .to(), .double(), ...: moves a dense convolution's torch layer
+        self._refresh()
+        return out
+
+    def _refuse(self, x: Any) -> None:
+        """Raise the error that says why ``x`` is no input for this layer (type, dtype, device, then shape);
+        return when it is one after all (another dtype under autocast, on the masked dense kernel)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self._describe()} expects a torch.Tensor input, got {type(x).__name__}")
+        dtype, device = self._dtype, self._device
+        if x.dtype != dtype and not (self.kind == "dense" and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"{self._describe()} expects {dtype} inputs (the dtype of its weights), got "
+                            f"{x.dtype}; convert the input with x.to({dtype}), or compile the model in the "
+                            "input's dtype")
+        if x.device != device:
+            raise ValueError(f"{self._describe()} has its weights on {device}, got an input on {x.device}; "
+                             f"move the input with x.to('{device}')")
+        d, n = x.dim(), self._n_in
+        if not self.conv:
+            if d == 0 or x.shape[-1] != n:
+                raise ValueError(f"{self._describe()} expects inputs of shape (..., {n}) ({n} in-features), got "
+                                 f"shape {tuple(x.shape)}")
+        elif (d != self.nd + 1 and d != self.nd + 2) or x.shape[-self.nd - 1] != n:
+            spatial = ", ".join("DHW"[3 - self.nd:])
+            raise ValueError(f"{self._describe()} expects inputs of shape (N, {n}, {spatial}) or ({n}, {spatial}) "
+                             f"({n} in-channels), got shape {tuple(x.shape)}")
 
     def _conv(self, x: Tensor) -> Tensor:
         if x.dim() == self.nd + 1:  # unbatched input, as torch's convolutions accept
@@ -145,6 +223,9 @@ class SparseKernel(nn.Module):
         Returns:
             ``(xt, batch, out_height, out_width)`` with ``xt`` of shape (C*kh*kw, batch*L) (a view of
             ``F.unfold``'s output at batch 1).
+
+        Raises:
+            ValueError: the input is smaller than the (dilated) kernel, after padding.
         """
         if self.nd == 1:  # treat as 2-d with a height of one
             x = x.unsqueeze(2)
@@ -156,18 +237,32 @@ class SparseKernel(nn.Module):
             x = F.pad(x, pads, mode="circular" if self.padding_mode == "circular" else self.padding_mode)
             p = (0, 0)
         b, _, h, w = x.shape
-        cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, C*kh*kw, L)
         oh = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
         ow = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        if oh < 1 or ow < 1:
+            size = tuple(x.shape[4 - self.nd:])
+            raise ValueError(f"{self._describe()}: an input of spatial size {size}"
+                             f"{'' if self.padding_mode == 'zeros' else ' (after padding)'} is smaller than the "
+                             f"kernel (kernel_size={self.kernel_size}, dilation={self.dilation}, "
+                             f"padding={self.padding})")
+        cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, C*kh*kw, L)
         xt = cols[0] if b == 1 else cols.transpose(0, 1).reshape(cols.shape[1], -1)
         return xt, b, oh, ow
 
     def forward(self, x: Tensor) -> Tensor:
+        # the checks run on every call: the cheap tests inline, the error messages in _refuse
+        if not (isinstance(x, Tensor) and x.dtype == self._dtype and x.device == self._device):
+            self._refuse(x)
+        d = x.dim()
         if not self.conv:
-            if x.dim() == 2:
+            if d == 0 or x.shape[-1] != self._n_in:
+                self._refuse(x)
+            if d == 2 or self.kind == "dense":  # F.linear takes any leading dims: the very op of nn.Linear
                 return self.mm(x)
             shape = x.shape
             return self.mm(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.mm.out_features)
+        if (d != self.nd + 1 and d != self.nd + 2) or x.shape[-self.nd - 1] != self._n_in:
+            self._refuse(x)
         if self.kind == "dense":
             return self.layer(x)
         return self._conv(x)
@@ -182,7 +277,8 @@ class SparseKernel(nn.Module):
         if mm.kind == "dense":
             w = mm.weight
         elif mm.kind == "fast_csr":
-            w = torch.sparse_csr_tensor(mm.rowptr, mm.col.long(), mm.val, (mm.out_features, mm.in_features)).to_dense()
+            w = torch.sparse_csr_tensor(mm.rowptr, mm.col.long(), mm.val, (mm.out_features, mm.in_features),
+                                        check_invariants=False).to_dense()  # checked when built
         else:
             w = mm.weight.to_dense()
         return w.reshape(self._weight_shape)
@@ -310,7 +406,7 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
         kernel: ``"dense"`` (masked dense), ``"csr"`` / ``"bsr"`` (torch sparse, BSR with 4x4 blocks),
             ``"fast_csr"`` (this package's C++ kernel) or ``"auto"``: per layer, the fastest of those that
             support it and can win, timed at ``batch_size`` and ``threads`` (see below). A layer a kernel
-            cannot run stays dense.
+            cannot run (its geometry, dtype or device) stays dense.
         batch_size: Batch size to time at (``"auto"``).
         threads: Thread count to time at (``"auto"``); the compiled model does not change torch's setting.
         example_input: One input batch; needed by ``"auto"`` when the model has convolutions (to know
@@ -326,6 +422,14 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
     round, candidates over twice as slow as the fastest are dropped. Timings are kept by layer type,
     geometry, input shape, thread count and density (within 2**(1/4)), so layers of the same shape (the
     repeated blocks of a ResNet, say) are timed once.
+
+    Each compiled layer keeps its weight's dtype and device: a float64 (or bfloat16, float16) model
+    compiles to kernels of that dtype, which take inputs of that dtype. ``"fast_csr"`` runs float32 on the
+    CPU only; torch's CSR/BSR kernels run what torch supports (on the CPU, not float16 or bfloat16); layers
+    whose dtype a kernel does not run stay dense. On every call, a compiled layer checks its input's
+    dtype, device and size (in-features, or in-channels and rank) and raises ``TypeError`` (dtype) or
+    ``ValueError`` (device, size) naming what it expects; inputs of any strides (transposed or sliced
+    views, channels-last) are accepted.
 
     Returns:
         The compiled model in eval mode; :func:`kernel_report` lists each layer's kernel and timings.
@@ -365,14 +469,27 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
                 h.remove()
 
     def choose(name: str, layer: nn.Module) -> SparseKernel:
+        made = pick(name, layer)
+        made.name = name
+        return made
+
+    def pick(name: str, layer: nn.Module) -> SparseKernel:
         if float((layer.weight != 0).float().mean()) > max_density:
             return SparseKernel(layer, "dense")
         if kernel != "auto":
-            return SparseKernel(layer, kernel if _supported(layer, kernel) else "dense")
+            if _supported(layer, kernel):
+                return SparseKernel(layer, kernel)
+            logger.info("compile: %s stays dense: kernel %r does not run %s with this geometry, dtype (%s) or "
+                        "device (%s)", name, kernel, type(layer).__name__, layer.weight.dtype, layer.weight.device)
+            return SparseKernel(layer, "dense")
+        like = dict(dtype=layer.weight.dtype, device=layer.weight.device)
         if name in inputs:
-            x = torch.randn(batch_size, *inputs[name][1:], dtype=torch.float32)
+            shape = inputs[name]
+            if isinstance(layer, nn.modules.conv._ConvNd) and len(shape) == len(layer.kernel_size) + 1:
+                shape = (1, *shape)  # an unbatched example
+            x = torch.randn(batch_size, *shape[1:], **like)
         elif isinstance(layer, nn.Linear):
-            x = torch.randn(batch_size, layer.in_features)
+            x = torch.randn(batch_size, layer.in_features, **like)
         else:  # a convolution the example forward did not reach: nothing to time it on
             return SparseKernel(layer, "dense")
         kinds = _candidates(layer)
