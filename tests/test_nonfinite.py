@@ -224,6 +224,8 @@ def test_check_finite_passes_finite_steps_and_checks_parameter_values():
     check_finite_(net, loss, 0)
     check_finite_(net)
     assert net[0].raw_weight.grad is not None  # untouched when finite
+    net[0].raw_weight.grad.fill_(3e38)  # finite, though their sum overflows: no false alarm
+    check_finite_(net, loss, 1)
     with torch.no_grad():
         net[0].bias[1] = float("-inf")
     with pytest.raises(FloatingPointError, match=r"training became non-finite at epoch 4, step 9 \(the loss is 1.5\); "
