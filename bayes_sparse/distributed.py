@@ -16,9 +16,10 @@ exactly one copy of it:
   ``N/B * NLL + KL``, the single-process negative ELBO.
 
 Both need the same local batch size on every rank (:func:`rank_batches` makes it so). Put the DDP wrapper
-inside the Pyro model, ``SVIModel(DDP(net), num_data=N)``, and train with :func:`bayes_sparse.fit_svi` (or
-``pyro.infer.SVI``, or ``torch.optim`` over ``Trace_ELBO()(model, model.guide)``): each SVI step runs one
-forward and one backward pass of the wrapper, which is what DDP expects. The schedule hooks, the
+inside the Pyro model, ``SVIModel(DDP(net), num_data=N)``, and train with :func:`bayes_sparse.fit_svi`
+(tested against a single process, ``tests/test_ddp.py``; ``pyro.infer.SVI`` and ``torch.optim`` over
+``Trace_ELBO()(model, model.guide)`` work the same way): each SVI step runs one forward and one backward
+pass of the wrapper, which is what DDP expects. The schedule hooks, the
 regularizer and :func:`bayes_sparse.threshold_` find the sparse layers through the wrapper; evaluate
 with the inner network (``ddp.module``), since a forward of the wrapper is a collective call that every
 rank must make.
@@ -35,20 +36,40 @@ per forward pass, on each rank from its own generator. Seed the ranks differentl
 estimator; identical seeds give every rank the same gates (which is what a single process draws for the
 whole batch). :func:`check_replicas` verifies that the ranks agree.
 
+NaN and inf
+-----------
+The non-finite guard of :func:`bayes_sparse.fit_svi` and :func:`bayes_sparse.infer.check_finite_` (given
+the wrapper) exchanges one flag between the ranks at each check, so a NaN in one rank's batch or loss
+stops every rank with a ``FloatingPointError`` before any optimizer step, none waiting in a collective.
+
+Exit
+----
+With torch 2.14 and gloo, a process that has run DDP sometimes aborts during the interpreter's shutdown,
+after ``destroy_process_group()`` ("terminate called without an active exception"; a bare DDP script
+does it too), which ``torchrun`` reports as a failed rank; ``examples/ddp_mnist.py`` leaves with
+``os._exit(0)`` once everything is written.
+
 Example (run with ``torchrun --nproc_per_node 2 script.py``)::
 
     dist.init_process_group("gloo")
+    torch.manual_seed(0)                     # the same network on every rank
     net = bs.sparsify(model, method="vd")
     model = bs.SVIModel(DistributedDataParallel(net), num_data=N)
+    torch.manual_seed(1 + dist.get_rank())  # independent training noise on each rank
+    epochs = iter(range(10))
 
-    def batches():  # this rank's share of the same global batches on every rank
+    def batches():                           # this rank's share of the same global batches on every rank
         for idx in bs.distributed.rank_batches(N, 100, epoch=next(epochs)):
             yield x[idx], y[idx]
 
     bs.fit_svi(model, batches, epochs=10, progress=dist.get_rank() == 0)
     bs.threshold_(net)                       # identical masks on every rank
     bs.distributed.check_replicas(net)      # raises if any rank differs
+    dist.destroy_process_group()
 
+The plain loop is the one of :mod:`bayes_sparse.schedule` with ``DistributedDataParallel(net)`` called in
+place of ``net`` (the regularizer, the hooks and ``threshold_`` still take ``net``), and
+:func:`bayes_sparse.infer.check_finite_` (given the wrapper) between ``backward()`` and ``step()``.
 See ``examples/ddp_mnist.py``.
 """
 

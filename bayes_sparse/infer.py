@@ -592,8 +592,10 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
         opt = torch.optim.Adam(elbo.parameters(), lr=lr)
         for epoch in range(epochs):
             bs.schedule.on_epoch_start(model.net, epoch, epochs)
-            for x, y in loader:
-                opt.zero_grad(); elbo(x, y).backward(); opt.step()
+            for step, (x, y) in enumerate(loader):
+                opt.zero_grad(); loss = elbo(x, y); loss.backward()
+                bs.infer.check_finite_(model, loss, step, epoch=epoch)  # optional: the same guard
+                opt.step()
                 bs.schedule.after_step(model.net, lr, model.num_data)
 
     Args:
