@@ -43,11 +43,12 @@ import contextlib
 import logging
 import math
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.distributed as tdist
 from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from pyro.poutine.runtime import effectful
@@ -57,12 +58,13 @@ from tqdm.auto import tqdm
 
 from . import schedule
 from ._validation import check_module, check_number, check_positive_int
+from .distributed import find_ddp
 from .layers.base import SparseLayer
 from .likelihoods import LIKELIHOODS, Gaussian, as_likelihood
 from .objectives import regularizer
 
-__all__ = ["LIKELIHOODS", "SVIModel", "error_rate", "fit_svi", "flat_then_linear_decay", "kl_warmup_weight",
-           "sampling_mode"]
+__all__ = ["LIKELIHOODS", "SVIModel", "check_finite_", "error_rate", "fit_svi", "flat_then_linear_decay",
+           "kl_warmup_weight", "sampling_mode"]
 
 logger = logging.getLogger(__name__)
 
@@ -367,12 +369,218 @@ def error_rate(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     return wrong / x.shape[0]
 
 
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one pass over the data, one synchronisation per device).
+
+    A NaN or an inf makes a sum NaN or infinite, so a finite sum of sums proves every entry finite; only a
+    non-finite sum (which finite values can also give, by overflow) is checked entry by entry.
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for group in by_device.values():
+        with torch.no_grad():
+            total = torch.stack([t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                                 for t in group]).sum()
+        if not bool(total.isfinite()) and not all(bool(t.detach().isfinite().all()) for t in group):
+            return False
+    return True
+
+
+def _first_nonfinite(named: Sequence[tuple[str, Tensor]]) -> Optional[tuple[str, int, int]]:
+    """``(name, non-finite count, size)`` of the first tensor holding a NaN or inf, else ``None``."""
+    for name, t in named:
+        bad = int((~t.detach().isfinite()).sum())
+        if bad:
+            return name, bad, t.numel()
+    return None
+
+
+def _owner(model: nn.Module, param_name: str) -> str:
+    """``"layer 'net.0' (VDLinear)"`` for a qualified parameter name of ``model``."""
+    module_name = param_name.rpartition(".")[0]
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return "no layer of the model (a Pyro param)"
+    return f"layer {module_name or '(root)'!r} ({type(module).__name__})"
+
+
+def _other_ranks_failed(model: nn.Module, failed: bool, device: torch.device) -> list[int]:
+    """Ranks (of the DDP wrapper's process group) that failed the check; one collective call per step.
+
+    Every rank of a ``DistributedDataParallel`` model runs the check, so all of them raise together and
+    none waits forever in the next step's gradient all-reduce. Without a wrapper there is no collective.
+    """
+    ddp = find_ddp(model)
+    if ddp is None or not (tdist.is_available() and tdist.is_initialized()):
+        return []
+    group = ddp.process_group
+    flags = torch.zeros(tdist.get_world_size(group), dtype=torch.int32, device=device)
+    flags[tdist.get_rank(group)] = int(failed)
+    tdist.all_reduce(flags, group=group)
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
+def _where(epoch: Optional[int], step: Optional[int]) -> str:
+    parts = [f"{k} {v}" for k, v in (("epoch", epoch), ("step", step)) if v is not None]
+    return " at " + ", ".join(parts) if parts else ""
+
+
+_KEPT = ". The optimizer did not step: the parameters keep their values from the last good step"
+
+
+def _guard_batch(model: nn.Module, batch: Sequence[tuple[str, Any]], *, epoch: Optional[int], step: Optional[int],
+                 device: torch.device) -> None:
+    """Raise ``FloatingPointError`` before the forward pass when a floating tensor of the batch holds NaN/inf
+    (on every rank of a DDP model together: the flag is exchanged before the gradient all-reduce)."""
+    floats = [(name, t) for name, t in batch if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+    failed = not _all_finite([t for _, t in floats]) if floats else False
+    ranks = _other_ranks_failed(model, failed, device)
+    if not failed and not ranks:
+        return
+    where = _where(epoch, step)
+    if not failed:
+        raise FloatingPointError(f"rank(s) {ranks} found NaN/inf in their minibatch{where}, so every rank stops "
+                                 f"(this rank's minibatch is finite); check the data for NaN/inf{_KEPT}")
+    details = []
+    for name, t in floats:
+        bad = ~t.detach().isfinite()
+        if bool(bad.any()):
+            rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist() if t.dim() else []
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            where_rows = f" (example{'s' if len(rows) > 1 else ''} {shown})" if rows else ""
+            details.append(f"{name} has {int(bad.sum())} non-finite entries{where_rows}")
+    raise FloatingPointError(f"the minibatch{where} holds NaN/inf: {'; '.join(details)}; check the data for NaN/inf "
+                             f"(no layer is at fault; the step was not run){_KEPT}")
+
+
+def _guard(model: nn.Module, loss: Optional[float], named: Sequence[tuple[str, Tensor]], *, epoch: Optional[int],
+           step: Optional[int], advice: str) -> None:
+    """Raise ``FloatingPointError`` (with the gradients cleared) unless the loss, every gradient and every value
+    of ``named`` are finite; runs between the backward pass and the optimizer step."""
+    grads = [p.grad for _, p in named if p.grad is not None]
+    loss_ok = loss is None or math.isfinite(loss)
+    failed = not (loss_ok and _all_finite(grads) and _all_finite([p for _, p in named]))
+    device = named[0][1].device if named else torch.device("cpu")
+    ranks = _other_ranks_failed(model, failed, device)
+    if not failed and not ranks:
+        return
+    where = _where(epoch, step)
+    bad_grad = _first_nonfinite([(n, p.grad) for n, p in named if p.grad is not None])
+    bad_value = _first_nonfinite(list(named))
+    if not loss_ok:
+        head = f"the loss became {loss}{where}"
+    elif failed:
+        head = f"training became non-finite{where} (the loss is {loss})" if loss is not None else \
+            f"training became non-finite{where}"
+    else:
+        head = (f"rank(s) {ranks} found a non-finite loss or gradient{where}, so every rank stops (this rank's "
+                "loss and gradients are finite)")
+    sentences = [f"{head}; {advice}"]
+    if bad_grad is not None:
+        name, bad, size = bad_grad
+        sentences.append(f"First non-finite gradient: {name!r} of {_owner(model, name)}, {bad} of {size} entries")
+    if bad_value is not None:
+        name, bad, size = bad_value
+        sentences.append(f"First non-finite parameter: {name!r} of {_owner(model, name)}, {bad} of {size} values "
+                         "(already non-finite before this step: restore a checkpoint)")
+    elif failed:
+        sentences.append("Every parameter is still finite" if bad_grad is not None else
+                         "Every gradient and parameter is finite")
+    for _, p in named:  # a caught error followed by optimizer.step() writes nothing
+        p.grad = None
+    if bad_value is None:
+        sentences.append(_KEPT[2:])
+    raise FloatingPointError(". ".join(sentences))
+
+
+def check_finite_(model: nn.Module, loss: Optional[Union[Tensor, float]] = None, step: Optional[int] = None, *,
+                  epoch: Optional[int] = None) -> None:
+    """Stop a plain training loop at the first non-finite loss, gradient or parameter, before the optimizer step.
+
+    Call it between ``loss.backward()`` and ``optimizer.step()``. When the loss, a gradient or a parameter
+    of ``model`` is NaN or infinite, it clears every gradient (``grad = None``, so a caught error followed by
+    ``optimizer.step()`` changes nothing) and raises; the parameters and the optimizer state then still hold
+    the last good step's values. On a model containing a ``DistributedDataParallel`` wrapper (pass the
+    wrapper) it is a collective call: every rank raises when any rank fails, so no rank waits forever in
+    the next gradient all-reduce.
+
+    ::
+
+        for step, (x, y) in enumerate(loader):
+            loss = F.cross_entropy(net(x), y) + bs.regularizer(net) / N
+            opt.zero_grad(); loss.backward()
+            bs.infer.check_finite_(net, loss, step, epoch=epoch)
+            opt.step(); bs.after_step(net, lr, N)
+
+    Args:
+        model: The module being trained (its trainable parameters are checked).
+        loss: The step's loss (a tensor or a float); ``None`` checks gradients and parameters only.
+        step: The step number, for the message.
+        epoch: The epoch, for the message.
+
+    Raises:
+        FloatingPointError: naming the epoch, the step, the loss, and the first parameter (with its layer)
+            whose gradient or value is non-finite.
+        TypeError: ``model`` is not a module.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> net(torch.tensor([[float("nan"), 0.0]])).sum().backward()
+        >>> check_finite_(net, step=7)
+        Traceback (most recent call last):
+        ...
+        FloatingPointError: training became non-finite at step 7; ...
+    """
+    check_module(model)
+    if isinstance(loss, Tensor):
+        loss = float(loss.detach())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    _guard(model, loss, named, epoch=epoch, step=step,
+           advice="check the batch for NaN/inf, or lower the learning rate")
+
+
+def _raise_nonfinite_output(model: nn.Module, error: ValueError, *, epoch: int, step: int, advice: str) -> None:
+    """Turn Pyro's refusal of a NaN/inf network output (its distribution validation, before any gradient) into
+    a ``FloatingPointError`` naming the first non-finite parameter, if any."""
+    bad_value = _first_nonfinite([(n, p) for n, p in model.named_parameters()])
+    for p in model.parameters():
+        p.grad = None
+    if bad_value is not None:
+        name, bad, size = bad_value
+        detail = (f"First non-finite parameter: {name!r} of {_owner(model, name)}, {bad} of {size} values (already "
+                  "non-finite before this step: restore a checkpoint)")
+    else:
+        detail = "Every parameter and the minibatch are finite: an activation overflowed inside the network"
+    raise FloatingPointError(f"the network output became non-finite{_where(epoch, step)} (Pyro's likelihood refused "
+                             f"it); {advice}. {detail}" + ("" if bad_value is not None else _KEPT)) from error
+
+
+def _svi_loss_and_grads(elbo: pyro.infer.ELBO, model: SVIModel, x: Tensor, y: Tensor) -> tuple[float, list[Tensor]]:
+    """``SVI.step`` up to the optimizer: the loss, gradients in ``.grad``, and the parameters of the trace."""
+    with pyro.poutine.trace(param_only=True) as capture:
+        loss = elbo.loss_and_grads(model, model.guide, x, y)
+    params = {id(p): p for p in (site["value"].unconstrained() for site in capture.trace.nodes.values())}
+    return float(loss), list(params.values())
+
+
 def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor]]], epochs: int, lr: float = 1e-3,
             kl_warmup: Optional[tuple[int, int]] = None, lr_lambda: Optional[Callable[[int], float]] = None,
             progress: bool = True, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
             on_epoch_start: Optional[Callable[[int], None]] = None,
             on_step_end: Optional[Callable[[float], None]] = None) -> list[dict]:
-    """Train an :class:`SVIModel` with ``pyro.infer.SVI`` and ``Trace_ELBO`` (Adam, per-epoch schedules).
+    """Train an :class:`SVIModel` with ``Trace_ELBO`` and Pyro's Adam (per-epoch schedules), guarded against NaN/inf.
+
+    Each step is ``pyro.infer.SVI.step`` with a check between the gradients and the update: the loss, every
+    gradient and every parameter must be finite, else it raises ``FloatingPointError`` naming the epoch,
+    the step and the first parameter (and its layer) that went non-finite, before the optimizer writes
+    anything: the parameters and Adam's state keep the last good step's values.
+
+    Data parallel: wrap the network, ``SVIModel(DistributedDataParallel(net), num_data=N)``, and give each
+    rank its share of the same global batches (:func:`bayes_sparse.distributed.rank_batches`); the
+    averaged gradient is the single-process one (see :mod:`bayes_sparse.distributed`), the check runs on
+    every rank together, and the reported loss is this rank's (its local batches).
 
     Before each epoch it runs the sparse layers' schedule hooks (each method's ``warmup`` option ramps its KL
     or penalty in; ``kl_warmup`` adds a model-wide ramp as ``model.kl_weight``) with
@@ -384,8 +592,10 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
         opt = torch.optim.Adam(elbo.parameters(), lr=lr)
         for epoch in range(epochs):
             bs.schedule.on_epoch_start(model.net, epoch, epochs)
-            for x, y in loader:
-                opt.zero_grad(); elbo(x, y).backward(); opt.step()
+            for step, (x, y) in enumerate(loader):
+                opt.zero_grad(); loss = elbo(x, y); loss.backward()
+                bs.infer.check_finite_(model, loss, step, epoch=epoch)  # optional: the same guard
+                opt.step()
                 bs.schedule.after_step(model.net, lr, model.num_data)
 
     Args:
@@ -411,7 +621,8 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
     Raises:
         TypeError: ``model`` is not an :class:`SVIModel` or ``batches`` is not callable.
         ValueError: bad ``epochs``/``lr``, ``batches()`` yielded nothing, or an empty minibatch.
-        FloatingPointError: the loss of a step is NaN or infinite (the message names epoch and step).
+        FloatingPointError: the loss, a gradient or a parameter of a step is NaN or infinite (the message names
+            the epoch, the step and the first non-finite parameter with its layer); the step is not taken.
         RuntimeError: a schedule hook failed (the message names the layer and the hook).
 
     Example:
@@ -432,7 +643,11 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
     lr = check_number(lr, "lr", low=0.0, low_inclusive=False)
     lr_lambda = lr_lambda or flat_then_linear_decay(epochs)
     scheduler = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "optim_args": {"lr": lr}, "lr_lambda": lr_lambda})
-    svi = pyro.infer.SVI(model, model.guide, scheduler, loss=pyro.infer.Trace_ELBO())
+    elbo = pyro.infer.Trace_ELBO()
+    names = {id(p): n for n, p in model.named_parameters()}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    store = pyro.get_param_store()
+    advice = f"lower the learning rate (lr={lr}) or check the data for NaN/inf"
     model.train()
     history = []
     bar = tqdm(range(epochs), desc="SVI", unit="epoch", disable=not progress)
@@ -444,10 +659,17 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
         current_lr = lr * lr_lambda(epoch)
         total, count = 0.0, 0
         for x, y in batches():
-            loss = svi.step(x, y)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss} at epoch {epoch}, step {count}; lower the "
-                                         f"learning rate (lr={lr}) or check the data for NaN/inf")
+            _guard_batch(model, (("x", x), ("y", y)), epoch=epoch, step=count, device=device)
+            try:
+                loss, params = _svi_loss_and_grads(elbo, model, x, y)
+            except ValueError as e:  # Pyro's validation of the likelihood refused a non-finite network output
+                if "found invalid values" not in str(e):
+                    raise
+                _raise_nonfinite_output(model, e, epoch=epoch, step=count, advice=advice)
+            named = [(names.get(id(p)) or store.param_name(p) or "(unnamed)", p) for p in params]
+            _guard(model, loss, named, epoch=epoch, step=count, advice=advice)
+            scheduler(params)  # Pyro makes an Adam for each parameter it has not seen yet
+            pyro.infer.util.zero_grads(params)
             total += loss
             count += 1
             schedule.after_step(model.net, current_lr, model.num_data)
