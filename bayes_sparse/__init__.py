@@ -8,10 +8,10 @@ Methods: ``"vd"`` Sparse Variational Dropout, ``"l0"`` hard-concrete gates, ``"l
 soft L0, ``"l1"`` L1 penalty (optionally proximal), ``"magnitude"`` magnitude pruning.
 """
 
-from . import data, distributions, export, functional, infer, integrations, likelihoods
+from . import data, distributed, distributions, export, functional, infer, integrations, likelihoods
 from .convert import ConversionReport, conversion_report, method_class, methods, register, register_method, sparsify
 from .export import to_dense
-from .infer import SVIModel, error_rate, fit_svi, sampling_mode
+from .infer import SVIModel, check_finite_, error_rate, fit_svi, sampling_mode
 from .layers import (
     L0,
     L1,
@@ -85,8 +85,10 @@ __all__ = [
     "VDConv3d",
     "VDLinear",
     "after_step",
+    "check_finite_",
     "conversion_report",
     "data",
+    "distributed",
     "distributions",
     "error_rate",
     "export",
