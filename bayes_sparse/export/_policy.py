@@ -106,8 +106,10 @@ def auto_bits(values: np.ndarray, std: np.ndarray, tolerance: float) -> int:
         tolerance: Allowed RMS error, as a multiple of the RMS std.
 
     Returns:
-        Bits per value code, 2-8 (8 when no width meets the budget).
+        Bits per value code, 2-8 (8 when no width meets the budget; 2 for a layer with no value left).
     """
+    if values.size == 0:
+        return 2
     budget = tolerance * float(np.sqrt(np.mean(std.astype(np.float64) ** 2)))
     for bits in range(2, 9):
         book, codes = _bits.kmeans_codebook(values, (1 << bits) - 1)

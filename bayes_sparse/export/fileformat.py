@@ -109,14 +109,15 @@ def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32
     dense = dense_copy(model) if any(isinstance(m, SparseLayer) for m in model.modules()) else model
     weights = _policy.sparse_weights(dense)
     state = dense.state_dict()
+    for key, t in state.items():
+        if t.is_meta:
+            raise ValueError(f"{key!r} is on the meta device: it holds no numbers to save")
+        st_name(t.dtype)  # TypeError for a dtype the format does not store
     effort = _policy.resolve_effort(effort, sum(int(torch.count_nonzero(state[k])) for k in weights if k in state))
     entries: dict[str, Any] = {}
     tensors: dict[str, Tensor] = {}
     report: dict[str, dict[str, Any]] = {}
     for key, t in state.items():
-        if t.is_meta:
-            raise ValueError(f"{key!r} is on the meta device: it holds no numbers to save")
-        st_name(t.dtype)  # TypeError for a dtype the format does not store
         t = t.detach().cpu().contiguous()
         if key in weights and t.is_floating_point():  # (checks its non-zeros for NaN/inf itself)
             encoded = _policy.encode_weight(key, t, values, stds.get(weights[key]), tolerance, effort, allow_nonfinite)
@@ -154,7 +155,9 @@ def _load(path: PathLike, max_numel: int = DEFAULT_MAX_NUMEL,
     max_numel = max_numel.__index__()
     try:
         return _container.load(path, max_numel, build_tree)
-    except MemoryError as e:  # a file within max_numel, on a machine (or under a limit) with less memory
+    except (MemoryError, RuntimeError) as e:  # a file within max_numel, on a machine (or under a limit) with less
+        if isinstance(e, RuntimeError) and "alloc" not in str(e):  # memory (torch's allocator raises RuntimeError)
+            raise
         raise CorruptFileError(f"{path}: not enough memory to load it within max_numel={max_numel} elements "
                                "(pass a smaller max_numel to refuse such files sooner)") from e
 
