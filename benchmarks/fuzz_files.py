@@ -456,9 +456,9 @@ def _targeted(rng: random.Random, parts: Parts) -> Case:
             name = f"{k}::values"
         row = parts.st[name]
         nbytes = row["data_offsets"][1] - row["data_offsets"][0]
-        dtype, size = rng.choice([("I32", 4), ("F16", 2), ("U8", 1), ("F32", 4), ("BF16", 2), ("I8", 1)])
-        if nbytes % size:
-            dtype, size = "U8", 1
+        choices = [(d, s) for d, s in (("I32", 4), ("F16", 2), ("U8", 1), ("F32", 4), ("BF16", 2), ("I8", 1))
+                   if d != row["dtype"] and nbytes % s == 0]
+        dtype, size = rng.choice(choices)
         row.update(dtype=dtype, shape=[nbytes // size])
         inner["streams"][name].update(dtype=dtype, shape=[nbytes // size])
         return Case("targeted_redeclare", assemble(parts), detail=f"{name} as {dtype}")
@@ -522,6 +522,7 @@ def _damage(rng: random.Random, raw: bytes) -> Case:
         swaps = [(b'"F16"', b'"I16"'), (b'"F32"', b'"I32"'), (b'"F32"', b'"U32"'), (b'"BF16"', b'"F16"'),
                  (b'"U8"', b'"I8"'), (b'"F64"', b'"I64"'), (b'"I64"', b'"F64"'), (b'"I32"', b'"F32"'),
                  (b'"F16"', b'"BF16"')]
+        swaps = [(o, w) for o, w in swaps if o in raw[8:8 + n]] or swaps  # only names the file has
         old, new = rng.choice(swaps)
         at = [i for i in range(8, 8 + n) if raw.startswith(old, i)]
         if at:
@@ -578,9 +579,11 @@ def _judge(case: Case, path: Path, ref: dict, use_tree: bool) -> tuple[str, str]
 
     import bayes_sparse as bs
 
+    rebuilt = None
     try:
         if use_tree:
-            loaded = bs.export.load(path, max_numel=MAX_NUMEL).state_dict()
+            model = bs.export.load(path, max_numel=MAX_NUMEL)
+            loaded, rebuilt = model.state_dict(), repr(model)
         else:
             loaded = bs.export.load_state_dict(path, max_numel=MAX_NUMEL)
     except bs.export.CorruptFileError as e:
@@ -598,7 +601,11 @@ def _judge(case: Case, path: Path, ref: dict, use_tree: bool) -> tuple[str, str]
             return "memory_blowup", repr(e)[:200]
         return "crash", f"{type(e).__name__}: {e} @ {traceback.format_exc().splitlines()[-3].strip()}"[:400]
     loaded = {k: v.detach() for k, v in loaded.items()}
+    expected_repr = ref.get(_REPR)
+    ref = {k: v for k, v in ref.items() if k != _REPR}
     if sorted(loaded) == sorted(ref) and all(_same_bits(loaded[k], ref[k]) for k in ref):
+        if rebuilt is not None and rebuilt != expected_repr:  # a module's arguments changed: the tree declares them
+            return "declared_change", "module tree"
         return "exact_load", ""
     kept = sorted(set(ref) - set(case.dropped))
     if case.dropped and sorted(loaded) == kept and all(_same_bits(loaded[k], ref[k]) for k in kept):
@@ -647,12 +654,19 @@ def materialize(case: Case, directory: Path) -> Path:
     return path
 
 
+_REPR = "__repr__"
+
+
 def references(bases: dict[str, Path]) -> dict[str, dict]:
-    """What each undamaged base file loads to."""
+    """What each undamaged base file loads to (and, under ``_REPR``, the rebuilt model's repr)."""
     import bayes_sparse as bs
 
-    return {name: {k: v.detach() for k, v in bs.export.load_state_dict(p, max_numel=MAX_NUMEL).items()}
-            for name, p in bases.items()}
+    refs = {}
+    for name, p in bases.items():
+        refs[name] = {k: v.detach() for k, v in bs.export.load_state_dict(p, max_numel=MAX_NUMEL).items()}
+        if has_tree(p.read_bytes()):
+            refs[name][_REPR] = repr(bs.export.load(p, max_numel=MAX_NUMEL))
+    return refs
 
 
 def has_tree(raw: bytes) -> bool:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _sparse, _tree
-from ._spec import MAGIC, READ_VERSIONS, ST_DTYPES, VERSION, CorruptFileError, st_name
+from ._spec import HEADER_BYTE_COST, MAGIC, READ_VERSIONS, ST_DTYPES, VERSION, CorruptFileError, st_name
 
 __all__ = ["DEFAULT_MAX_NUMEL", "crc", "decode_header", "decode_state", "encode_header", "load", "read", "write"]
 
@@ -98,26 +98,35 @@ def encode_header(header: dict) -> str:
     return base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
 
 
-def decode_header(text: str) -> Any:
+def decode_header(text: str, max_bytes: int = _MAX_HEADER_BYTES) -> Any:
     """Inverse of :func:`encode_header`.
 
     Args:
         text: The stored text.
+        max_bytes: Refuse a header that decompresses to more bytes than this (and than 16 MiB).
 
     Returns:
         The decoded JSON value (not yet checked to be a header).
 
     Raises:
-        CorruptFileError: not base64, not zlib, over 16 MiB, not UTF-8, not JSON (also too deeply nested),
-            or an object with a key twice.
+        CorruptFileError: not base64, not zlib, over the limit, not UTF-8, not JSON (also too deeply
+            nested), or an object with a key twice.
     """
+    return _decode_header(text, max_bytes)[0]
+
+
+def _decode_header(text: str, max_bytes: int) -> tuple[Any, int]:
     try:
         packed = base64.b64decode(text, validate=True)
         d = zlib.decompressobj()
-        raw = d.decompress(packed, _MAX_HEADER_BYTES)
+        limit = max(min(max_bytes, _MAX_HEADER_BYTES), 0)
+        raw = d.decompress(packed, limit + 1)
+        if len(raw) > limit:
+            raise CorruptFileError(f"the header decompresses to more than {limit} bytes" + (
+                "" if limit == _MAX_HEADER_BYTES else " (beyond max_numel: pass a larger one if the file is sound)"))
         if d.unconsumed_tail or not d.eof or d.unused_data:
             raise CorruptFileError("the header is truncated or larger than 16 MiB")
-        return strict_json(raw.decode("utf-8"))
+        return strict_json(raw.decode("utf-8")), len(raw)
     except CorruptFileError:  # a ValueError too: keep its message
         raise
     except (ValueError, zlib.error, RecursionError, UnicodeDecodeError, TypeError) as e:
@@ -249,9 +258,12 @@ def _table_row(path: Any, name: Any, info: Any) -> _Stored:
     return _Stored(dtype, shape, offsets[0], offsets[1])
 
 
-def _frame(path: PathLike) -> _Frame:
+def _frame(path: PathLike, budget: Optional[list[int]] = None) -> _Frame:
     """Open a file and check everything before its data: framing, both headers, the tensor table and (for
-    version 2) its checksummed copy, and that the file is exactly as long as the table implies."""
+    version 2) its checksummed copy, and that the file is exactly as long as the table implies. With
+    ``budget``, each byte of the JSON headers costs ``HEADER_BYTE_COST`` elements of it, charged before the
+    bytes are read or decompressed."""
+    budget = [1 << 62] if budget is None else budget
     f = _open(path)
     try:
         size = os.fstat(f.fileno()).st_size
@@ -263,6 +275,10 @@ def _frame(path: PathLike) -> _Frame:
                               "field (truncated or not a safetensors file)")
         if n > _MAX_ST_HEADER:
             raise _fail(path, f"the safetensors header claims {n} bytes; this reader takes at most {_MAX_ST_HEADER}")
+        if n * HEADER_BYTE_COST > budget[0]:
+            raise _fail(path, f"the safetensors header of {n} bytes takes the file beyond max_numel (each byte costs "
+                              f"{HEADER_BYTE_COST} elements); pass a larger max_numel if the file is sound")
+        budget[0] -= n * HEADER_BYTE_COST
         try:
             head = strict_json(bytes(_read_exactly(f, n, path, "header")).decode("utf-8"))
         except CorruptFileError as e:
@@ -287,9 +303,10 @@ def _frame(path: PathLike) -> _Frame:
         if str(zlib.crc32(meta["header"].encode())) != meta["header_crc32"]:
             raise _fail(path, "the header checksum does not match (the file is damaged)")
         try:
-            header = decode_header(meta["header"])
+            header, inner_bytes = _decode_header(meta["header"], budget[0] // HEADER_BYTE_COST)
         except CorruptFileError as e:
             raise _fail(path, str(e)) from e
+        budget[0] -= inner_bytes * HEADER_BYTE_COST
         if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
             raise _fail(path, "the header has no tensor table")
         if set(header) != _HEADER_KEYS[version]:
@@ -472,8 +489,9 @@ def load(path: PathLike, max_numel: int = DEFAULT_MAX_NUMEL,
 
     Args:
         path: The file.
-        max_numel: Most elements the file may decode to, together; the module tree (each module costs
-            ``NODE_COST`` elements, plus its parameters) is held to the same bound on its own.
+        max_numel: Most elements the file may decode to, together, each byte of its JSON headers counting
+            as ``HEADER_BYTE_COST`` elements; the module tree (each module costs ``NODE_COST`` elements, plus
+            its parameters) is held to the same bound on its own.
         build_tree: Rebuild the recorded module tree (on the meta device) and check the entries against it.
 
     Returns:
@@ -484,10 +502,11 @@ def load(path: PathLike, max_numel: int = DEFAULT_MAX_NUMEL,
         CorruptFileError: anything wrong with the file, naming the file and, where there is one, the tensor
             and the field.
     """
-    fr = _frame(path)
+    budget = [int(max_numel)]
+    fr = _frame(path, budget)
     try:
         infos = {k: r.info for k, r in fr.table.items()}
-        plans = _plan(path, fr.header, infos, [int(max_numel)], fr.version)
+        plans = _plan(path, fr.header, infos, budget, fr.version)
         tree = None
         if build_tree and fr.header.get("tree") is not None:
             try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MAGIC", "NODE_COST", "READ_VERSIONS", "ST_DTYPES", "VALUE_DTYPES", "VERSION", "WEIGHT_DTYPES",
+__all__ = ["HEADER_BYTE_COST", "MAGIC", "NODE_COST", "READ_VERSIONS", "ST_DTYPES", "VALUE_DTYPES", "VERSION", "WEIGHT_DTYPES",
            "CorruptFileError", "st_name"]
 
 #: The ``format`` entry of the safetensors metadata.
@@ -34,6 +34,10 @@ _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 #: Elements of ``max_numel`` that each module of a recorded module tree costs (building one takes about as
 #: long as decoding 10**4 elements): the default budget admits trees of 16,384 modules.
 NODE_COST = 1 << 14
+#: Elements of ``max_numel`` that each byte of a file's JSON headers (the safetensors one, and the package
+#: one decompressed) costs: parsing JSON takes up to about 28 bytes of memory per byte of text (small nested
+#: objects), as much as 7 float32 elements.
+HEADER_BYTE_COST = 8
 
 
 def st_name(dtype: torch.dtype) -> str:

@@ -136,7 +136,8 @@ def load_state_dict(path: PathLike, max_numel: int = DEFAULT_MAX_NUMEL) -> dict[
     Args:
         path: The file (a regular file: FIFOs, devices and directories are refused before reading).
         max_numel: Most elements the stored tensors may decode to, together (a guard against crafted
-            files); a recorded module tree is held to the same bound, each module costing
+            files), each byte of the file's JSON headers counting as ``HEADER_BYTE_COST = 8`` elements; a
+            recorded module tree is held to the same bound on its own, each module costing
             ``NODE_COST = 16384`` elements plus its parameters.
 
     Raises:

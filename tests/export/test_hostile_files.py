@@ -286,6 +286,22 @@ def test_modules_count_against_max_numel(tmp_path):
         bs.export.load(path, max_numel=9 * 2 ** 14)
 
 
+def test_headers_count_against_max_numel(tmp_path):
+    from bayes_sparse.export._spec import HEADER_BYTE_COST
+
+    path = _saved(tmp_path, nn.Sequential(nn.Linear(3, 2)))
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    with pytest.raises(CorruptFileError, match=f"safetensors header of {n} bytes takes the file beyond max_numel"):
+        bs.export.load_state_dict(path, max_numel=n * HEADER_BYTE_COST - 1)
+    # 30 kB whose package header decompresses to 3 MB of small JSON objects (about 80 MB once parsed)
+    wide = {"type": "Sequential", "children": [{"type": "ReLU", "kwargs": {}}] * 100000}
+    src = _saved(tmp_path, nn.Sequential(nn.ReLU()))
+    path = _rewrite(src, tmp_path / "w.safetensors", lambda h, t: h.__setitem__("tree", wide))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(CorruptFileError, match=r"the header decompresses to more than \d+ bytes \(beyond max_numel"):
+        bs.export.load_state_dict(path, max_numel=1 << 22)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
 def test_paths_that_are_not_regular_files_are_refused_at_once(tmp_path, kind):
     p = tmp_path / "m.safetensors"
