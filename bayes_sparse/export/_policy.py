@@ -151,7 +151,11 @@ def check_finite(key: str, t: Tensor, allow_nonfinite: bool) -> None:
     Raises:
         ValueError: ``t`` holds NaN or inf and ``allow_nonfinite`` is False.
     """
-    if allow_nonfinite or not t.is_floating_point() or bool(torch.isfinite(t).all()):
+    if allow_nonfinite or not t.is_floating_point():
+        return
+    if t.element_size() == 1:  # float8: isfinite wants a wider float
+        t = t.float()
+    if bool(torch.isfinite(t).all()):
         return
     bad = int((~torch.isfinite(t)).sum())
     raise ValueError(f"{key!r} holds {bad} non-finite value(s) (NaN or inf) of {t.numel()}: the model is broken (a "

@@ -28,8 +28,9 @@ VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 WEIGHT_DTYPES = {**VALUE_DTYPES, "float64": torch.float64}
 #: Safetensors dtype names of the tensors a file may store, and their torch dtypes.
 ST_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-             "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-             "F64": torch.float64}
+             "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F16": torch.float16,
+             "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 #: Elements of ``max_numel`` that each module of a recorded module tree costs (building one takes about as
 #: long as decoding 10**4 elements): the default budget admits trees of 16,384 modules.

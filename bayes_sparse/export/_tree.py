@@ -13,7 +13,7 @@ from torch import nn
 
 from ._spec import NODE_COST, CorruptFileError
 
-__all__ = ["ARGUMENTS", "SPECS", "build", "count_nodes", "describe"]
+__all__ = ["ARGUMENTS", "SPECS", "build", "count_nodes", "describe", "recordable"]
 
 #: Deepest nesting of ``nn.Sequential`` that :func:`build` accepts.
 MAX_DEPTH = 64
@@ -90,6 +90,38 @@ def describe(module: nn.Module) -> Optional[dict[str, Any]]:
     if spec is None or any(True for _ in module.children()):
         return None
     return {"type": type(module).__name__, "kwargs": spec(module)}
+
+
+def recordable(module: nn.Module, state: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The description of ``module`` if it rebuilds to exactly its state dict, else None.
+
+    :func:`describe` looks at module types only; a module may also hold tensors of its own (a buffer
+    registered on an ``nn.Sequential``, a parameter of an unusual dtype kind). A file records the tree only
+    when the rebuilt tree has the same keys, shapes and dtype kinds (floating point, or exactly the integer
+    dtype), so that every recorded tree loads.
+
+    Args:
+        module: The model to save.
+        state: Its state dict.
+
+    Returns:
+        The description, or None.
+    """
+    node = describe(module)
+    if node is None:
+        return None
+    try:
+        rebuilt = build(node).state_dict()
+    except CorruptFileError:
+        return None
+    if list(rebuilt) != list(state):
+        return None
+    for k, t in rebuilt.items():
+        s = state[k]
+        if tuple(t.shape) != tuple(s.shape) or (t.is_floating_point() != s.is_floating_point()) or (
+                not t.is_floating_point() and t.dtype != s.dtype):
+            return None
+    return node
 
 
 def _is_argument(v: Any) -> bool:

@@ -33,7 +33,7 @@ from .._validation import check_module, check_number
 from ..layers.base import SparseLayer
 from . import _container, _policy, _tree
 from ._container import DEFAULT_MAX_NUMEL, decode_header, encode_header  # noqa: F401  (importable from here, as before)
-from ._spec import MAGIC, VALUE_DTYPES, VERSION, CorruptFileError, st_name  # noqa: F401  (idem)
+from ._spec import MAGIC, VALUE_DTYPES, VERSION, WEIGHT_DTYPES, CorruptFileError, st_name  # noqa: F401  (idem)
 from .dense import dense_copy
 
 __all__ = ["CorruptFileError", "FileReport", "load", "load_state_dict", "save"]
@@ -59,6 +59,8 @@ def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32
 
     Args:
         model: The model. Sparse layers must be thresholded (``threshold_``); their dense export is stored.
+            Linear/Conv weights of float16, bfloat16, float32 or float64 are stored sparse, every other tensor
+            as it is (any dtype safetensors stores: bool, (u)int8-64, float8, 16-64 bit floats).
         path: Destination file.
         values: ``"float32"`` (lossless: each weight's non-zeros in its own dtype, float64 included),
             ``"float16"``, ``"bfloat16"`` (float32/float64 weights rounded to it), an int 1-8 (k-means codebook of
@@ -113,20 +115,21 @@ def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32
         if t.is_meta:
             raise ValueError(f"{key!r} is on the meta device: it holds no numbers to save")
         st_name(t.dtype)  # TypeError for a dtype the format does not store
-    effort = _policy.resolve_effort(effort, sum(int(torch.count_nonzero(state[k])) for k in weights if k in state))
+    weights = {k: v for k, v in weights.items() if k in state and state[k].dtype in WEIGHT_DTYPES.values()}
+    effort = _policy.resolve_effort(effort, sum(int(torch.count_nonzero(state[k])) for k in weights))
     entries: dict[str, Any] = {}
     tensors: dict[str, Tensor] = {}
     report: dict[str, dict[str, Any]] = {}
     for key, t in state.items():
         t = t.detach().cpu().contiguous()
-        if key in weights and t.is_floating_point():  # (checks its non-zeros for NaN/inf itself)
+        if key in weights:  # stored sparse (it checks its non-zeros for NaN/inf itself)
             encoded = _policy.encode_weight(key, t, values, stds.get(weights[key]), tolerance, effort, allow_nonfinite)
         else:
             _policy.check_finite(key, t, allow_nonfinite)
             encoded = _policy.encode_plain(key, t, values, allow_nonfinite)
         entries[key], report[key] = encoded.entry, encoded.report
         tensors.update(encoded.tensors)
-    total = _container.write(path, entries, tensors, _tree.describe(dense))
+    total = _container.write(path, entries, tensors, _tree.recordable(dense, state))
     return FileReport(str(path), total, report)
 
 

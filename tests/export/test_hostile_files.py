@@ -418,6 +418,25 @@ def test_save_refuses_tensors_the_format_cannot_hold(tmp_path):
         bs.export.save(ghost, tmp_path / "x.safetensors")
 
 
+def test_every_dtype_safetensors_stores_round_trips(tmp_path):
+    net = nn.Sequential(nn.Linear(3, 2))
+    dtypes = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+              torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16, torch.float64]
+    for i, dtype in enumerate(dtypes):
+        net.register_buffer(f"b{i}", torch.arange(6).reshape(2, 3).to(dtype))
+    with torch.no_grad():
+        lin8 = nn.Linear(4, 2)
+    net.append(lin8)
+    net[1].weight = nn.Parameter(lin8.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)  # stored plain
+    for values in ("float32", 4):
+        bs.export.save(net, tmp_path / "d.safetensors", values=values)
+        back = bs.export.load_state_dict(tmp_path / "d.safetensors")
+        for k, v in net.state_dict().items():
+            if values == 4 and v.dtype == torch.float32:
+                continue
+            assert back[k].dtype == v.dtype and torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
 def test_values_that_round_to_zero_are_no_non_zeros(tmp_path):
     net = nn.Sequential(nn.Linear(4, 2, bias=False))
     with torch.no_grad():
