@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["choose_index_encoding", "decode_relative", "encode_relative", "kmeans_codebook", "pack", "unpack"]
+__all__ = ["choose_index_encoding", "decode_relative", "encode_relative", "kmeans_codebook", "pack", "padding_is_zero",
+           "relative_entries", "unpack"]
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -18,13 +19,42 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(bit_planes.reshape(-1), bitorder="little")
 
 
-def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack`: ``count`` integers of ``bits`` bits (int64)."""
-    needed = (count * bits + 7) // 8
-    if packed.size < needed:
-        raise ValueError(f"{packed.size} bytes hold fewer than {count} codes of {bits} bits")
-    flat = np.unpackbits(packed[:needed], bitorder="little")[: count * bits].reshape(count, bits).astype(np.int64)
-    return (flat << np.arange(bits, dtype=np.int64)).sum(axis=1)
+def unpack(packed: np.ndarray, bits: int, count: int, start: int = 0, first_bit: int = -1) -> np.ndarray:
+    """Inverse of :func:`pack`: the ``count`` integers of ``bits`` bits from the ``start``-th on (int64), or
+    from bit ``first_bit`` of ``packed`` when that is given.
+
+    Works in memory proportional to ``count`` (about 40 bytes per code for widths other than 8 and 16), so
+    a long stream can be read in chunks.
+
+    Raises:
+        ValueError: ``bits`` outside [1, 16], or ``packed`` too short for the codes asked for.
+    """
+    if not 1 <= bits <= 16:
+        raise ValueError(f"codes of {bits} bits: the format packs 1 to 16")
+    first = start * bits if first_bit < 0 else first_bit
+    needed = (first + count * bits + 7) // 8
+    if packed.size < needed or first < 0 or count < 0:
+        raise ValueError(f"{packed.size} bytes hold fewer than {count} codes of {bits} bits from bit {first}")
+    if count == 0:
+        return np.zeros(0, np.int64)
+    b0 = first >> 3
+    if bits == 8 and first % 8 == 0:
+        return packed[b0:b0 + count].astype(np.int64)
+    if bits == 16 and first % 8 == 0:
+        return packed[b0:b0 + 2 * count].view("<u2").astype(np.int64)
+    window = np.zeros(needed - b0 + 2, np.uint32)  # a code lies within 3 bytes: shift <= 7, 7 + 16 < 24 bits
+    window[:needed - b0] = packed[b0:needed]
+    offsets = np.arange(count, dtype=np.int64) * bits + (first & 7)
+    at = offsets >> 3
+    word = window[at] | (window[at + 1] << 8) | (window[at + 2] << 16)
+    return ((word >> (offsets & 7).astype(np.uint32)) & np.uint32((1 << bits) - 1)).astype(np.int64)
+
+
+def padding_is_zero(packed: np.ndarray, nbits: int) -> bool:
+    """Whether the bits of ``packed`` after the first ``nbits`` are all zero (as :func:`pack` and
+    ``np.packbits`` leave them), ``packed`` holding exactly ``ceil(nbits / 8)`` bytes."""
+    tail = nbits % 8
+    return tail == 0 or packed.size == 0 or int(packed[-1]) >> tail == 0
 
 
 def encode_relative(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,12 +19,14 @@ import lzma
 import zlib
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 import torch
 from torch import Tensor
 
-from ._spec import VALUE_DTYPES, CorruptFileError
+from ._spec import WEIGHT_DTYPES, CorruptFileError
 
-__all__ = ["CODECS", "EFFORTS", "STREAM_DTYPES", "compress", "decompress"]
+__all__ = ["CODECS", "EFFORTS", "STREAM_DTYPES", "StreamReader", "compress", "decompress"]
 
 #: The decoder's filter chain (files since version 1 were written with it): a 64 MiB dictionary.
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -58,7 +60,7 @@ _HUFFMAN = _zlib(9, zlib.Z_HUFFMAN_ONLY)
 #: literal coder sees each byte's place in its element, e.g. a float32's sign/exponent byte).
 _ALIGNED = {2: _lzma(lc=0, lp=1, pb=1), 4: _lzma(lc=0, lp=2, pb=2)}
 #: Dtypes a compressed stream may decompress to.
-STREAM_DTYPES = {"uint8": torch.uint8, "int32": torch.int32, **VALUE_DTYPES}
+STREAM_DTYPES = {"uint8": torch.uint8, "int32": torch.int32, **WEIGHT_DTYPES}
 
 
 def _candidates(effort: str, itemsize: int) -> list[tuple[str, Callable[[bytes], bytes]]]:
@@ -104,8 +106,113 @@ def compress(stream: Tensor, effort: str = "best") -> tuple[Tensor, Optional[dic
     return torch.frombuffer(bytearray(best[0]), dtype=torch.uint8), info
 
 
+#: Compressed bytes handed to a decompressor at a time (what it keeps of unconsumed input is a copy).
+_FEED = 1 << 20
+
+
+class StreamReader:
+    """The raw bytes of one stored stream, read forward in byte ranges, for untrusted input.
+
+    A compressed stream is decompressed as the ranges ask for it, fed 1 MiB of input at a time and never
+    asked for more than the ``nbytes`` announced, so memory is the largest range asked for plus a constant,
+    not the stream; lzma's dictionary is no larger than ``nbytes`` (any match reaches back at most that far,
+    so a smaller dictionary than the writer's decodes the same stream). :meth:`finish` checks that the
+    stream was read to its end and that the compressed data ends exactly there.
+
+    Args:
+        key: The stream's name, for error messages.
+        stored: The stored tensor (a compressed stream: uint8).
+        info: Its codec entry (``codec``, ``raw_bytes``, ``dtype``; checked by the caller), or None for a
+            stream stored raw (its length checked by the caller).
+        nbytes: The raw length.
+    """
+
+    def __init__(self, key: str, stored: Tensor, info: Optional[dict], nbytes: int) -> None:
+        self.key, self.total = key, nbytes
+        self._data = (stored.contiguous().reshape(-1).view(torch.uint8).numpy() if stored.numel()
+                      else np.zeros(0, np.uint8))
+        self._codec = None if info is None else info["codec"]
+        if self._codec == "zlib":
+            self._d: Any = zlib.decompressobj()
+        elif self._codec == "lzma":
+            size = min(_LZMA_MAX_DICT, max(4096, nbytes))
+            self._d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{**_LZMA_FILTERS[0], "dict_size": size}])
+        elif self._codec is not None:
+            raise CorruptFileError(f"stream {key!r}: unknown codec {self._codec!r}")
+        self._fed = 0  # compressed bytes handed to the decompressor
+        self._buf = np.zeros(0, np.uint8)  # bytes [base, end) of the raw stream
+        self._base = self._end = 0
+
+    def _pull(self, limit: int) -> bytes:
+        """Up to ``limit`` decompressed bytes; b"" only once the stream has ended or its input is spent."""
+        d = self._d
+        idle = 0  # calls in a row that took no input and gave no output
+        try:
+            while not d.eof and idle < 2:
+                if self._codec == "zlib" and d.unconsumed_tail:
+                    src = d.unconsumed_tail
+                elif self._codec == "zlib" or d.needs_input:
+                    src = self._data[self._fed:self._fed + _FEED]
+                    self._fed += len(src)
+                else:
+                    src = b""
+                chunk = d.decompress(src, limit) if self._codec == "zlib" else d.decompress(src, max_length=limit)
+                if chunk:
+                    return chunk
+                idle = idle + 1 if not len(src) else 0
+        except (zlib.error, lzma.LZMAError, EOFError) as e:
+            raise CorruptFileError(f"stream {self.key!r} does not decompress: {e}") from e
+        return b""
+
+    def _more(self, n: int) -> bytes:
+        out, got = [], 0
+        while got < n:
+            chunk = self._pull(n - got)
+            if not chunk:
+                raise CorruptFileError(f"stream {self.key!r} decompresses to {self._end + got} bytes, the header "
+                                       f"says {self.total}")
+            out.append(chunk)
+            got += len(chunk)
+        return b"".join(out)
+
+    def range(self, b0: int, b1: int) -> np.ndarray:
+        """Bytes ``[b0, b1)`` of the raw stream, ``b0`` at least the start of the previous range."""
+        if not self._base <= b0 <= b1 <= self.total:
+            raise ValueError(f"bytes [{b0}, {b1}) of {self.total}, read forward from {self._base}")
+        if self._codec is None:
+            self._base = b0
+            return self._data[b0:b1]
+        held = self._buf[b0 - self._base:]
+        if b1 > self._end:
+            held = np.concatenate([held, np.frombuffer(self._more(b1 - self._end), np.uint8)])
+            self._end = b1
+        self._buf, self._base = held, b0
+        return held[:b1 - b0]
+
+    def finish(self) -> None:
+        """Check that the whole stream was read and that a compressed one ends exactly there.
+
+        Raises:
+            CorruptFileError: it was not read to its end, or compressed data goes on after it, does not end,
+                or is followed by other bytes.
+        """
+        if self._codec is None:
+            return
+        if self._end != self.total:
+            self.range(self._base, self.total)
+        self._buf = np.zeros(0, np.uint8)
+        if self._pull(1):
+            raise CorruptFileError(f"stream {self.key!r} decompresses to more than the {self.total} bytes the header "
+                                   "announces")
+        if not self._d.eof:
+            raise CorruptFileError(f"stream {self.key!r} does not end after the {self.total} bytes the header "
+                                   "announces (truncated)")
+        if self._d.unused_data or self._fed < self._data.size:
+            raise CorruptFileError(f"stream {self.key!r}: other bytes follow the compressed data")
+
+
 def decompress(key: str, stored: Tensor, info: dict) -> Tensor:
-    """Inverse of :func:`compress`, for untrusted input.
+    """Inverse of :func:`compress`, for untrusted input (the whole stream at once; see :class:`StreamReader`).
 
     Args:
         key: The stream's name, for error messages.
@@ -116,25 +223,18 @@ def decompress(key: str, stored: Tensor, info: dict) -> Tensor:
         A flat tensor of ``info["dtype"]`` holding exactly ``info["raw_bytes"]`` bytes.
 
     Raises:
-        CorruptFileError: an unknown codec or dtype, data that does not decompress, or a length other than
-            the announced one (decompression stops at the announced length).
+        CorruptFileError: an unknown codec or dtype, data that does not decompress, ends before or after
+            the announced length, or is followed by other bytes.
         KeyError, TypeError, ValueError: ``info`` lacks an entry or has one of the wrong type (the caller
             reports these as a damaged file).
     """
     raw_bytes, codec = int(info["raw_bytes"]), info["codec"]
-    dtype = STREAM_DTYPES.get(info["dtype"])
-    if dtype is None or raw_bytes < 0 or codec not in CODECS:
+    dtype = STREAM_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None or raw_bytes < 0 or not isinstance(codec, str) or codec not in CODECS:
         raise CorruptFileError(f"stream {key!r}: unknown codec {codec!r} or dtype {info['dtype']!r}")
-    data = stored.numpy().tobytes()
-    try:
-        if codec == "zlib":
-            d = zlib.decompressobj()
-            raw = d.decompress(data, max(raw_bytes, 1))  # never more than announced (0 would mean no limit)
-        else:
-            d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-            raw = d.decompress(data, max_length=raw_bytes)
-    except (zlib.error, lzma.LZMAError) as e:
-        raise CorruptFileError(f"stream {key!r} does not decompress: {e}") from e
-    if len(raw) != raw_bytes or raw_bytes % torch.tensor([], dtype=dtype).element_size():
-        raise CorruptFileError(f"stream {key!r} decompresses to {len(raw)} bytes, the header says {raw_bytes}")
-    return torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+    if raw_bytes % dtype.itemsize:
+        raise CorruptFileError(f"stream {key!r}: {raw_bytes} bytes is no whole number of {info['dtype']}")
+    reader = StreamReader(key, stored, info, raw_bytes)
+    raw = reader.range(0, raw_bytes).copy()
+    reader.finish()
+    return torch.from_numpy(raw).view(dtype) if raw.size else torch.empty(0, dtype=dtype)

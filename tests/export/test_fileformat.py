@@ -200,7 +200,7 @@ def test_named_problems(tmp_path, good_file):
         _load_bytes(tmp_path, data[:100])
     with pytest.raises(CorruptFileError, match="not a bayes_sparse model file \\(format 'other'\\)"):
         _load_bytes(tmp_path, _rewrite_metadata(data, format="other"))
-    with pytest.raises(CorruptFileError, match="format version '99'; this library reads version 1"):
+    with pytest.raises(CorruptFileError, match="format version '99'; this library reads versions 1, 2"):
         _load_bytes(tmp_path, _rewrite_metadata(data, version="99"))
     with pytest.raises(CorruptFileError, match="header checksum does not match"):
         _load_bytes(tmp_path, _rewrite_metadata(data, header_crc32="1"))
@@ -232,10 +232,11 @@ def test_out_of_range_indices_are_caught_even_with_valid_checksums(tmp_path):
     head = json.loads(data[8:8 + n])
     inner = fileformat.decode_header(head["__metadata__"]["header"])
     inner["tensors"]["0.weight"]["shape"] = [2, 5]  # now index 19 is out of range
+    inner["tree"] = None  # (the module tree would refuse the shape first)
     text = fileformat.encode_header(inner)
     import zlib
     data = _rewrite_metadata(data, header=text, header_crc32=str(zlib.crc32(text.encode())))
-    with pytest.raises(CorruptFileError, match=r"indices out of range .* \[2, 5\]"):
+    with pytest.raises(CorruptFileError, match=r"'0.weight', field '(index|entries)': .*indices out of range.* \[2, 5\]"):
         _load_bytes(tmp_path, data)
 
 
@@ -254,7 +255,8 @@ def _craft(tmp_path, mutate, values="float32", model=None):
 
 
 @pytest.mark.parametrize("mutate,msg", [
-    (lambda h: h.__setitem__("crc32", ["a"]), "do not match the header"),
+    (lambda h: h.__setitem__("streams", ["a"]), "do not match the header"),
+    (lambda h: h.__setitem__("crc32", {}), "a version 2 header holds"),
     (lambda h: h.__setitem__("tree", {"type": "Sequential", "children": 5}), "children is not a list"),
     (lambda h: h.__setitem__("tree", {"type": "Unflatten", "kwargs": {"dim": 1, "unflattened_size": 5}}),
      "cannot build Unflatten"),
@@ -262,10 +264,13 @@ def _craft(tmp_path, mutate, values="float32", model=None):
     (lambda h: h["tensors"]["0.weight"].__setitem__("shape", [2 ** 31]), "beyond max_numel"),
     (lambda h: h["tensors"]["0.weight"].__setitem__("dtype", "int8"), "has dtype 'int8'"),
     (lambda h: h["tensors"]["0.weight"].__setitem__("dtype", "__class__"), "has dtype '__class__'"),
-    (lambda h: h["tensors"]["0.weight"].__setitem__("value_bits", 64), r"value_bits 64 is outside \[1, 8\]"),
-    (lambda h: h["tensors"]["0.weight"].__setitem__("index", "rle"), "unknown index encoding"),
-    (lambda h: h["tensors"]["0.weight"].__setitem__("entries", 10 ** 9), "cannot be decoded"),
-], ids=["crc-list", "children", "unflatten", "type", "huge", "int8", "dunder", "value-bits", "index", "entries"])
+    (lambda h: h["tensors"]["0.weight"].__setitem__("value_bits", 64), r"field 'value_bits': 64 is outside \[1, 8\]"),
+    (lambda h: h["tensors"]["0.weight"].update(index="rle", index_bits=1), "unknown index encoding"),
+    (lambda h: h["tensors"]["0.weight"].__setitem__("entries", 10 ** 9), "field 'entries': 1000000000 is outside"),
+    (lambda h: h["tensors"].__setitem__("0.bias", {"kind": "plain", "dtype": "float32"}), "field 'dtype'.*not F32"),
+    (lambda h: h["tensors"].pop("0.bias"), "the stored tensor '0.bias' belongs to no entry"),
+], ids=["streams-list", "v1-table", "children", "unflatten", "type", "huge", "int8", "dunder", "value-bits", "index",
+        "entries", "restore", "missing"])
 def test_crafted_headers_with_valid_checksums(tmp_path, mutate, msg):
     values = 4 if "value_bits" in msg else "float32"
     lin = nn.Linear(40, 2)

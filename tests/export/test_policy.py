@@ -97,9 +97,10 @@ def test_the_smaller_candidate_wins_and_the_report_counts_its_bytes(density, val
     book, codes = (None, None) if values == "float32" else _bits.kmeans_codebook(nz, 15)
     bits_v = 32 if values == "float32" else 4
     kind, bits_i, _ = _bits.choose_index_encoding(positions, flat.numel(), bits_v)
-    sizes = [_stored_bytes(_sparse.encode(t, positions, nz, values, book, codes, kind, bits_i, bits_v)[1])]
+    nz_t, stored = torch.from_numpy(nz), "float32" if values == "float32" else values
+    sizes = [_stored_bytes(_sparse.encode(t, positions, nz_t, stored, book, codes, kind, bits_i, bits_v)[1])]
     if kind != "bitmask":
-        sizes.append(_stored_bytes(_sparse.encode(t, positions, nz, values, book, codes, "relative", 8,
+        sizes.append(_stored_bytes(_sparse.encode(t, positions, nz_t, stored, book, codes, "relative", 8,
                                                   8 if book is not None else bits_v)[1]))
     assert enc.report["bytes"] == _stored_bytes(enc.tensors) == min(sizes)
     assert enc.report["nnz"] == positions.size and enc.report["numel"] == 20000

@@ -95,6 +95,19 @@ def test_anything_else_is_not_described(module):
     assert _tree.describe(module) is None
 
 
+def test_a_tree_is_recorded_only_if_it_rebuilds_to_the_state_dict():
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    assert _tree.recordable(net, net.state_dict()) == _tree.describe(net)
+    net.register_buffer("extra", torch.zeros(2))  # a tensor of the Sequential itself: no recipe rebuilds it
+    assert _tree.describe(net) is not None and _tree.recordable(net, net.state_dict()) is None
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    net[1].num_batches_tracked = torch.tensor(0, dtype=torch.int32)  # not the int64 the recipe makes
+    assert _tree.recordable(net, net.state_dict()) is None
+    net = nn.Sequential(nn.Linear(3, 2))
+    net[0].weight = nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))  # another float: still rebuilt
+    assert _tree.recordable(net, net.state_dict()) is not None
+
+
 def test_a_listed_type_with_children_is_not_described():
     lin = nn.Linear(2, 2)
     lin.extra = nn.ReLU()
