@@ -115,9 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python " + " ".join(sys.argv),
     }
     if args.save_model:
-        from safetensors.torch import save_file
         args.save_model.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.save_model))
+        bs.export.save_checkpoint(net, args.save_model)  # the sparse model, log sigma^2 included; no pickle
         print(f"wrote {args.save_model}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Export of thresholded models: dense twins, sparse inference kernels, compressed files, ONNX."""
+"""Export of thresholded models: dense twins, sparse inference kernels, compressed files, ONNX; checkpoints."""
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .dense import dense_copy, to_dense
 from .fileformat import CorruptFileError, FileReport, load, load_state_dict, save
 from .kernels import KERNELS, SparseKernel, compile, kernel_report
@@ -14,8 +15,10 @@ __all__ = [
     "dense_copy",
     "kernel_report",
     "load",
+    "load_checkpoint",
     "load_state_dict",
     "save",
+    "save_checkpoint",
     "to_dense",
     "to_onnx",
 ]

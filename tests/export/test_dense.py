@@ -100,3 +100,17 @@ def test_dense_copy_needs_a_thresholded_module():
         bs.export.dense_copy(_sparse_net())
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         bs.export.dense_copy("net")
+
+
+@pytest.mark.parametrize("method", ["vd", "l0", "ltp", "l1", "magnitude"])
+def test_checkpoints_round_trip_without_pickle(method, tmp_path):
+    make = lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))  # noqa: E731
+    net = bs.sparsify(make(), method=method, warmup=(0.1, 0.5))
+    bs.threshold_(net, sparsity=0.4)
+    path = bs.export.save_checkpoint(net, tmp_path / "ckpt.safetensors")
+    fresh = bs.export.load_checkpoint(bs.sparsify(make(), method=method), path)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(fresh.eval()(x), net.eval()(x))
+    assert fresh[0].mask_fixed and fresh[0].warmup == (0.1, 0.5)
+    with pytest.raises(RuntimeError, match="load it into a model sparsified with method="):
+        bs.export.load_checkpoint(bs.sparsify(make(), method="vd" if method != "vd" else "l1"), path)
