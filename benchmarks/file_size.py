@@ -33,7 +33,10 @@ def main() -> None:
     if not model_path.exists():
         raise SystemExit(f"{model_path} is missing; run examples/lenet300_mnist.py --epochs 200 --save-model {model_path}")
     net = lenet300()
-    net.load_state_dict(load_file(str(model_path)))
+    try:  # written by bs.export.save_checkpoint (the example's --save-model)
+        bs.export.load_checkpoint(net, model_path)
+    except ValueError:  # an older file: a plain safetensors state_dict with the legacy mask_fixed buffers
+        net.load_state_dict(load_file(str(model_path)))
     mnist = bs.data.load_mnist()
     dense = bs.to_dense(net).eval()
     buf = io.BytesIO()

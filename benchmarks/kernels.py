@@ -136,7 +136,10 @@ def model_level(min_run_time: float) -> list[dict]:
     sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
     from lenet300_mnist import lenet300
     net = lenet300()
-    net.load_state_dict(load_file(str(path)))
+    try:  # written by bs.export.save_checkpoint (the example's --save-model)
+        bs.export.load_checkpoint(net, path)
+    except ValueError:  # an older file: a plain safetensors state_dict
+        net.load_state_dict(load_file(str(path)))
     dense = bs.to_dense(net).eval()
     out = []
     for batch in (1, 64):
