@@ -368,7 +368,7 @@ def sparsify(model: nn.Module, method: str = "vd", include: Optional[Sequence[Se
     drop_in: list[str] = []
     by_params: dict[str, list[str]] = {}
     for name, m in named:
-        if isinstance(m, SparseLayer) or isinstance(m, _param.ParameterHolder) or name in by_params:
+        if isinstance(m, (SparseLayer, _param.ParameterHolder)):
             continue
         if exclude_l and any(_matches(s, name, m) for s in exclude_l):
             continue

@@ -21,14 +21,6 @@ from .layers.base import sparse_layers
 __all__ = ["after_step", "on_epoch_start"]
 
 
-def _unique_layers(model: nn.Module):
-    seen = set()
-    for name, layer in sparse_layers(model):
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            yield name, layer
-
-
 def _call(name: str, layer, hook: str, *args) -> None:
     try:
         getattr(layer, hook)(*args)
@@ -56,7 +48,7 @@ def on_epoch_start(model: nn.Module, epoch: int, epochs: int) -> nn.Module:
     epochs = check_positive_int(epochs, "epochs")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < epochs:
         raise ValueError(f"epoch must be an int in [0, {epochs}) (0-based, below epochs={epochs}), got {epoch!r}")
-    for name, layer in _unique_layers(model):
+    for name, layer in sparse_layers(model):  # a shared layer once
         _call(name, layer, "on_epoch_start", epoch, epochs)
     return model
 
@@ -75,6 +67,6 @@ def after_step(model: nn.Module, lr: float, num_data: int) -> nn.Module:
     check_module(model)
     lr = check_number(lr, "lr", low=0.0)
     num_data = check_positive_int(num_data, "num_data", hint="the training set size")
-    for name, layer in _unique_layers(model):
+    for name, layer in sparse_layers(model):  # a shared layer once
         _call(name, layer, "after_step", lr, num_data)
     return model

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import check_number, check_positive_int
-from .layers.base import SparseLayer, sparse_layers, top_k_mask
+from .layers.base import sparse_layers, top_k_mask
 from .layers.magnitude import sparsity_schedule
 
 __all__ = ["SCOPES", "iterative_magnitude_prune_", "sparsity_schedule", "threshold_"]
@@ -27,13 +27,6 @@ logger = logging.getLogger(__name__)
 SCOPES = ("layer", "global")
 #: Default guard: every layer keeps at least this fraction of its weights (and at least one weight).
 DEFAULT_MIN_DENSITY = 1e-3
-
-
-def _score(layer: SparseLayer) -> Tensor:
-    s = layer.keep_score().detach().float()
-    if layer.mask_fixed:
-        s = s.masked_fill(~layer.weight_mask, float("-inf"))  # once pruned, stays pruned
-    return s
 
 
 def threshold_(model: nn.Module, threshold: Optional[float] = None, *, sparsity: Optional[float] = None,
@@ -118,7 +111,7 @@ def threshold_(model: nn.Module, threshold: Optional[float] = None, *, sparsity:
         if len(kinds) > 1:
             raise ValueError(f"scope='global' ranks keep-scores across layers, which only compare within one "
                              f"method; this model mixes {kinds}. Use scope='layer'")
-        scores = [_score(layer) for _, layer in layers]
+        scores = [layer.ranking_score() for _, layer in layers]
         flat = torch.cat([s.flatten() for s in scores])
         keep = top_k_mask(flat, flat.numel() - round(sparsity * flat.numel())).flatten()
         offset = 0
@@ -128,7 +121,7 @@ def threshold_(model: nn.Module, threshold: Optional[float] = None, *, sparsity:
     else:
         for name, layer in layers:
             if sparsity is not None:
-                s = _score(layer)
+                s = layer.ranking_score()
                 masks[name] = top_k_mask(s, s.numel() - round(sparsity * s.numel()))
             else:
                 t = threshold
@@ -144,13 +137,14 @@ def threshold_(model: nn.Module, threshold: Optional[float] = None, *, sparsity:
             mask = mask & layer.weight_mask
         label = name or type(layer).__name__
         min_keep = math.ceil(min_density * mask.numel()) if min_density > 0 else 0
-        available = int((_score(layer) > float("-inf")).sum())  # not pruned before, not gated off
+        score = layer.ranking_score()
+        available = int((score > float("-inf")).sum())  # not pruned before, not gated off
         min_keep = min(min_keep, available)  # the guard never brings back a pruned weight
         if int(mask.sum()) < min_keep:
             warnings.warn(f"layer {label!r} ({type(layer).__name__}) would keep {int(mask.sum())} of {mask.numel()} "
                           f"weights; min_density={min_density} keeps its {min_keep} best. Pass min_density=0 to "
                           f"allow it.", UserWarning, stacklevel=2)
-            mask = top_k_mask(_score(layer), min_keep)
+            mask = top_k_mask(score, min_keep)
         layer.set_mask_(mask)
         densities[name] = layer.density
         if densities[name] == 0.0:

@@ -343,12 +343,18 @@ class SparseLayer:
         self.mask_fixed = False
         return self
 
-    def prune_to_(self, sparsity: float) -> "SparseLayer":
-        """Fix a mask keeping the ``1 - sparsity`` highest keep-scores of this layer (pruned weights stay pruned)."""
-        sparsity = check_number(sparsity, "sparsity", low=0.0, high=1.0)
+    def ranking_score(self) -> Tensor:
+        """:meth:`keep_score` (detached, float32) with ``-inf`` where a fixed mask already pruned: what every
+        ranking (target sparsities, the min-density guard) uses, so a pruned weight stays pruned."""
         score = self.keep_score().detach().float()
         if self.mask_fixed:
             score = score.masked_fill(~self.weight_mask, float("-inf"))
+        return score
+
+    def prune_to_(self, sparsity: float) -> "SparseLayer":
+        """Fix a mask keeping the ``1 - sparsity`` highest keep-scores of this layer (pruned weights stay pruned)."""
+        sparsity = check_number(sparsity, "sparsity", low=0.0, high=1.0)
+        score = self.ranking_score()
         available = int((score > float("-inf")).sum())
         keep = min(available, score.numel() - round(sparsity * score.numel()))
         return self.set_mask_(top_k_mask(score, keep))

@@ -90,9 +90,7 @@ class Magnitude(SparseLayer):
         if threshold is not None:
             return w.abs() > self.check_threshold(threshold, 0.0)
         if self.target_sparsity is not None:
-            score = self.keep_score().detach()
-            if self.mask_fixed:
-                score = score.masked_fill(~self.weight_mask, -1.0)
+            score = self.ranking_score()
             return top_k_mask(score, score.numel() - round(self.target_sparsity * score.numel()))
         return w.abs() > self.quality * float(w.detach().std())
 
