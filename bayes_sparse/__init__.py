@@ -11,7 +11,7 @@ soft L0, ``"l1"`` L1 penalty (optionally proximal), ``"magnitude"`` magnitude pr
 from . import data, distributed, distributions, export, functional, infer, integrations, likelihoods
 from .convert import ConversionReport, conversion_report, method_class, methods, register, register_method, sparsify
 from .export import to_dense
-from .infer import SVIModel, check_finite_, error_rate, fit_svi, sampling_mode
+from .infer import SVIModel, SVIStep, check_finite_, error_rate, fit_svi, sampling_mode
 from .layers import (
     L0,
     L1,
@@ -77,6 +77,7 @@ __all__ = [
     "MagnitudeLinear",
     "Option",
     "SVIModel",
+    "SVIStep",
     "SparseLayer",
     "SparsityReport",
     "VD",

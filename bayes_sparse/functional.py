@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _fusedkernel
+
 __all__ = [
     "HC_BETA",
     "HC_GAMMA",
@@ -204,8 +206,7 @@ def hard_concrete_sample(log_alpha: Tensor, u: Optional[Tensor] = None, beta: fl
     """
     if u is None:
         u = torch.rand_like(log_alpha)
-    u = u.clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+    s = torch.sigmoid((torch.logit(u, 1e-6) + log_alpha) / beta)
     return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
 
 
@@ -264,35 +265,46 @@ class _VDWeightStats(torch.autograd.Function):
     ``d var / d log alpha = var``; ``d log alpha / d log sigma^2 = 1`` and ``d log alpha / d theta =
     -2 theta / (theta^2 + eps)`` inside the clip range (0 outside, as ``clamp``'s gradient);
     ``d KL / d log alpha = -k1 k3 s (1 - s) - sigmoid(-log alpha) / 2`` with ``s = sigmoid(k2 + k3 log alpha)``.
+
+    Speed: every pass is a vectorized ATen kernel, most in place. With ``a = exp(log alpha)`` (computed once
+    for the variance) the KL's ``softplus(-log alpha)`` is ``log(1 + a) - log alpha`` and ``sigmoid(-log alpha)``
+    is ``1 / (1 + a)``: on CPU ``softplus`` and ``log1p`` are scalar loops about ten times slower than
+    ``log`` (2.5 ms against 0.2 ms on a 300x784 weight), and log alpha is clipped to [-8, 8], so ``1 + a``
+    loses nothing that matters (``a >= 3e-4``; the KL term it feeds is then below 2e-4).
     """
 
     @staticmethod
     def forward(ctx, theta: Tensor, log_sigma2: Tensor, mask: Optional[Tensor], clip: float):
         t2 = theta * theta
         denom = t2 + _THETA2_EPS
-        u = log_sigma2 - torch.log(denom)
-        la = u.clamp(-clip, clip)
-        var_w = torch.exp(la) * t2
-        s = torch.sigmoid(KL_K2 + KL_K3 * la)
-        kl = KL_K1 - KL_K1 * s + 0.5 * F.softplus(-la)
-        kl_sum = (kl * mask).sum() if mask is not None else kl.sum()
-        ctx.save_for_backward(theta, denom, la, var_w, s, (u > -clip) & (u < clip), mask)
+        la = torch.sub(log_sigma2, torch.log(denom)).clamp_(-clip, clip)
+        a = torch.exp(la)
+        var_w = a * t2
+        s = torch.mul(la, KL_K3).add_(KL_K2).sigmoid_()
+        kl = torch.add(a, 1.0).log_().sub_(la).mul_(0.5).add_(s, alpha=-KL_K1).add_(KL_K1)
+        kl_sum = torch.dot(kl.reshape(-1), mask.reshape(-1)) if mask is not None else kl.sum()
+        ctx.save_for_backward(theta, denom, la, a, var_w, s, mask)
+        ctx.clip = clip
         ctx.mark_non_differentiable(la)
         return var_w, kl_sum, la
 
     @staticmethod
     def backward(ctx, g_var: Optional[Tensor], g_kl: Optional[Tensor], _g_la: Optional[Tensor]):
-        theta, denom, la, var_w, s, inside, mask = ctx.saved_tensors
+        theta, denom, la, a, var_w, s, mask = ctx.saved_tensors
         g_la = torch.zeros_like(la) if g_var is None else g_var * var_w
         if g_kl is not None:
-            dkl = -KL_K1 * KL_K3 * s * (1 - s) - 0.5 * torch.sigmoid(-la)
+            # dKL/dla = -k1 k3 s (1 - s) - 0.5 / (1 + a)
+            dkl = torch.sub(s, 1.0).mul_(s).mul_(KL_K1 * KL_K3)
+            dkl.sub_(torch.add(a, 1.0).reciprocal_().mul_(0.5))
             if mask is not None:
-                dkl = dkl * mask
-            g_la = g_la + g_kl * dkl
-        g_la = g_la * inside
-        g_theta = g_la * (-2.0 * theta / denom)
+                dkl.mul_(mask)
+            g_la.add_(dkl.mul_(g_kl))
+        g_la.mul_(la.abs() < ctx.clip)
+        # g_theta = -2 theta g_la / denom + 2 theta a g_var
+        g_theta = torch.div(g_la, denom).mul_(-2.0)
         if g_var is not None:
-            g_theta = g_theta + g_var * 2.0 * theta * torch.exp(la)
+            g_theta.add_(torch.mul(a, g_var).mul_(2.0))
+        g_theta.mul_(theta)
         return g_theta, g_la, None, None
 
 
@@ -319,7 +331,28 @@ def vd_weight_stats(theta: Tensor, log_sigma2: Tensor, mask: Optional[Tensor] = 
     """
     if mask is not None:
         mask = mask.to(theta.dtype)
+    if _fusedkernel.usable(theta, log_sigma2):
+        return _VDWeightStatsCPU.apply(theta, log_sigma2, mask, clip)
     return _VDWeightStats.apply(theta, log_sigma2, mask, clip)
+
+
+class _VDWeightStatsCPU(torch.autograd.Function):
+    """:class:`_VDWeightStats` through the C++ kernel (:mod:`bayes_sparse._fusedkernel`): one pass each way."""
+
+    @staticmethod
+    def forward(ctx, theta: Tensor, log_sigma2: Tensor, mask: Optional[Tensor], clip: float):
+        var_w, la, kl_sum = _fusedkernel.vd_forward(theta, log_sigma2, mask, clip)
+        ctx.save_for_backward(theta, log_sigma2, mask)
+        ctx.clip = clip
+        ctx.mark_non_differentiable(la)
+        return var_w, kl_sum, la
+
+    @staticmethod
+    def backward(ctx, g_var: Optional[Tensor], g_kl: Optional[Tensor], _g_la: Optional[Tensor]):
+        theta, log_sigma2, mask = ctx.saved_tensors
+        g_kl_value = 0.0 if g_kl is None else float(g_kl)
+        g_theta, g_ls = _fusedkernel.vd_backward(theta, log_sigma2, mask, g_var, g_kl_value, ctx.clip)
+        return g_theta, g_ls, None, None
 
 
 class _HardConcreteGates(torch.autograd.Function):
@@ -328,30 +361,35 @@ class _HardConcreteGates(torch.autograd.Function):
     ``g = clamp(s (zeta - gamma) + gamma, 0, 1)`` with ``s = sigmoid((logit u + log alpha) / beta)``:
     ``dg / d log alpha = (zeta - gamma) s (1 - s) / beta`` where ``0 < g < 1`` (0 where clamped);
     ``P = sigmoid(log alpha - beta log(-gamma / zeta))``: ``dP / d log alpha = P (1 - P)``.
+    ``logit u`` uses ``torch.logit`` (a vectorized kernel; ``log1p`` is a slow scalar loop on CPU).
     """
 
     @staticmethod
     def forward(ctx, log_alpha: Tensor, u: Tensor, mask: Optional[Tensor], beta: float, gamma: float, zeta: float):
-        u = u.clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
-        stretched = s * (zeta - gamma) + gamma
+        s = torch.logit(u, 1e-6).add_(log_alpha).div_(beta).sigmoid_()
+        stretched = torch.mul(s, zeta - gamma).add_(gamma)
         gates = stretched.clamp(0.0, 1.0)
-        p = torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
-        l0 = (p * mask).sum() if mask is not None else p.sum()
-        ctx.save_for_backward(s, (stretched > 0) & (stretched < 1), p, mask)
+        p = torch.sub(log_alpha, beta * math.log(-gamma / zeta)).sigmoid_()
+        l0 = torch.dot(p.reshape(-1), mask.reshape(-1)) if mask is not None else p.sum()
+        ctx.save_for_backward(s, gates, p, mask)
         ctx.constants = (beta, gamma, zeta)
         return gates, l0
 
     @staticmethod
     def backward(ctx, g_gates: Optional[Tensor], g_l0: Optional[Tensor]):
-        s, inside, p, mask = ctx.saved_tensors
+        s, gates, p, mask = ctx.saved_tensors
         beta, gamma, zeta = ctx.constants
-        grad = torch.zeros_like(s)
         if g_gates is not None:
-            grad = g_gates * inside * ((zeta - gamma) / beta) * s * (1 - s)
+            # (gates > 0) & (gates < 1) is where the clamp passed the stretched value through
+            inside = (gates > 0).logical_and_(gates < 1)
+            grad = torch.sub(1.0, s).mul_(s).mul_((zeta - gamma) / beta).mul_(g_gates).mul_(inside)
+        else:
+            grad = torch.zeros_like(s)
         if g_l0 is not None:
-            dp = p * (1 - p)
-            grad = grad + g_l0 * (dp * mask if mask is not None else dp)
+            dp = torch.sub(1.0, p).mul_(p)
+            if mask is not None:
+                dp.mul_(mask)
+            grad.add_(dp.mul_(g_l0))
         return grad, None, None, None, None, None
 
 

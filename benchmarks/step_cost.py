@@ -8,8 +8,9 @@ rounds is reported, so machine noise hits every variant alike. Batch 100 of synt
     python benchmarks/step_cost.py                      # writes benchmarks/results/step_cost.json
     python benchmarks/step_cost.py --nets lenet300 --threads 1 --compile
 
-Variants per method: ``plain`` (loss = CE + regularizer / N, Adam, the schedule hook after the step),
-``svi`` (``pyro.infer.SVI`` with ``Trace_ELBO`` on :class:`bayes_sparse.SVIModel`), and with ``--compile``
+Variants per method: ``plain`` (loss = CE + regularizer / N, fused Adam, the schedule hook after the step),
+``svi`` (:class:`bayes_sparse.SVIStep` on :class:`bayes_sparse.SVIModel`: the step :func:`bayes_sparse.fit_svi`
+takes, ``Trace_ELBO``, its finiteness guard and fused Adam, then the schedule hook), and with ``--compile``
 ``compiled`` (the plain step's loss under ``torch.compile``).
 """
 
@@ -26,8 +27,6 @@ from pathlib import Path
 from typing import Callable
 
 import pyro
-import pyro.infer
-import pyro.optim
 import torch
 import torch.nn.functional as F
 
@@ -58,9 +57,16 @@ def _plain_step(net, opt, x, y, sparse: bool, loss_fn=None) -> Callable[[], None
 
 
 def _svi_step(net, x, y) -> Callable[[], None]:
-    model = bs.SVIModel(net, num_data=N)
-    svi = pyro.infer.SVI(model, model.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
-    return lambda: svi.step(x, y)
+    step = bs.SVIStep(bs.SVIModel(net, num_data=N), lr=1e-3)  # the step fit_svi takes, guard included
+
+    def run():
+        step(x, y)
+        bs.after_step(net, 1e-3, N)
+    return run
+
+
+def _adam(net) -> torch.optim.Adam:
+    return torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)  # as fit_svi's
 
 
 def variants(net_name: str, methods: list[str], compiled: bool) -> dict[str, Callable[[], None]]:
@@ -69,16 +75,16 @@ def variants(net_name: str, methods: list[str], compiled: bool) -> dict[str, Cal
     y = torch.randint(0, 10, (100,))
     out = {}
     dense = NETS[net_name]().train()
-    out["dense"] = _plain_step(dense, torch.optim.Adam(dense.parameters(), lr=1e-3), x, y, sparse=False)
+    out["dense"] = _plain_step(dense, _adam(dense), x, y, sparse=False)
     for method in methods:
         net = bs.sparsify(NETS[net_name](), method=method).train()
-        out[f"{method}/plain"] = _plain_step(net, torch.optim.Adam(net.parameters(), lr=1e-3), x, y, sparse=True)
+        out[f"{method}/plain"] = _plain_step(net, _adam(net), x, y, sparse=True)
         svi_net = bs.sparsify(NETS[net_name](), method=method).train()
         out[f"{method}/svi"] = _svi_step(svi_net, x, y)
         if compiled:
             cnet = bs.sparsify(NETS[net_name](), method=method).train()
             fn = torch.compile(lambda c=cnet: F.cross_entropy(c(x), y) + bs.regularizer(c) / N)
-            out[f"{method}/compiled"] = _plain_step(cnet, torch.optim.Adam(cnet.parameters(), lr=1e-3), x, y,
+            out[f"{method}/compiled"] = _plain_step(cnet, _adam(cnet), x, y,
                                                     sparse=True, loss_fn=fn)
     return out
 

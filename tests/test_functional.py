@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bayes_sparse import _fusedkernel
 from bayes_sparse import functional as BF
 
 D = torch.float64
@@ -123,6 +124,56 @@ def test_fused_vd_weight_stats_equal_the_composed_formulas_value_and_gradient():
         gb = torch.autograd.grad(fused(theta, log_sigma2), (theta, log_sigma2), cot)
         for a, b in zip(ga, gb):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not _fusedkernel.available(), reason="no C++ compiler: the ATen formulas serve")
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_g_var", [True, False])
+def test_cpp_vd_kernel_equals_the_float64_formulas(masked, with_g_var):
+    """The float32 C++ kernel against the composed ATen formulas in float64, value and gradient; the weights
+    cover zeros (log alpha clipped at +8), tiny and large values, and log sigma^2 clipped at both ends."""
+    torch.manual_seed(1)
+    theta = torch.randn(257, 129) * 0.1  # odd sizes: vector tails; > one chunk of the kernel's split
+    theta[0, :7] = 0.0
+    theta[1, :7] = 3.0
+    log_sigma2 = torch.empty(257, 129).uniform_(-20.0, 4.0)
+    mask = (torch.rand(257, 129) > 0.3).float() if masked else None
+    g_var = torch.randn(257, 129) if with_g_var else None
+    g_kl = 0.7
+
+    def composed(t, s):
+        la = BF.log_alpha(t, s)
+        kl = BF.kl_log_uniform(la)
+        return torch.exp(la) * t * t, (kl * mask.double()).sum() if masked else kl.sum(), la
+
+    ref_t = theta.double().requires_grad_()
+    ref_s = log_sigma2.double().requires_grad_()
+    ref_var, ref_kl, ref_la = composed(ref_t, ref_s)
+    ref_loss = ref_kl * g_kl + ((ref_var * g_var.double()).sum() if with_g_var else 0.0)
+    ref_gt, ref_gs = torch.autograd.grad(ref_loss, (ref_t, ref_s))
+
+    t = theta.clone().requires_grad_()
+    s = log_sigma2.clone().requires_grad_()
+    assert _fusedkernel.usable(t, s)
+    var, kl, la = BF.vd_weight_stats(t, s, mask)
+    assert var.grad_fn is not None and type(var.grad_fn).__name__.startswith("_VDWeightStatsCPU")
+    loss = kl * g_kl + ((var * g_var).sum() if with_g_var else 0.0)
+    gt, gs = torch.autograd.grad(loss, (t, s))
+    torch.testing.assert_close(var, ref_var.float(), rtol=2e-5, atol=1e-9)
+    torch.testing.assert_close(la, ref_la.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(gt, ref_gt.float(), rtol=2e-4, atol=1e-3)
+    torch.testing.assert_close(gs, ref_gs.float(), rtol=2e-4, atol=1e-6)
+
+
+def test_vd_weight_stats_takes_the_aten_formulas_where_the_kernel_does_not_apply(monkeypatch):
+    """float64 (gradcheck), torch.compile tracing and a disabled kernel all take the ATen autograd function."""
+    t = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.full((4, 3), -5.0, dtype=torch.float64, requires_grad=True)
+    assert type(BF.vd_weight_stats(t, s)[0].grad_fn).__name__.startswith("_VDWeightStatsBackward")
+    monkeypatch.setattr(_fusedkernel, "usable", lambda *a: False)
+    t32 = torch.randn(4, 3, requires_grad=True)
+    assert type(BF.vd_weight_stats(t32, s.float())[0].grad_fn).__name__.startswith("_VDWeightStatsBackward")
 
 
 def test_vd_layer_reuses_the_forward_kl_and_never_serializes_it():
