@@ -16,3 +16,10 @@ def _fresh_state():
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"))])
+def device(request) -> torch.device:
+    """Every device this machine has: cpu, and cuda where a GPU is present (the cuda cases are skipped otherwise)."""
+    return torch.device(request.param)

@@ -92,7 +92,7 @@ class Magnitude(SparseLayer):
         if self.target_sparsity is not None:
             score = self.ranking_score()
             return top_k_mask(score, score.numel() - round(self.target_sparsity * score.numel()))
-        return w.abs() > self.quality * float(w.detach().std())
+        return w.abs() > self.quality * w.detach().std()  # a tensor: no host synchronization on a GPU
 
     def regularizer(self) -> Tensor:
         return self.raw_weight.new_zeros(())
