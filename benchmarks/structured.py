@@ -1,0 +1,317 @@
+"""Structured sparsity on MNIST: neurons/channels kept, test error, and the measured speed of the shrunk network.
+
+Trains LeNet-5-Caffe (20-50-800-500) or LeNet-300-100 with a group method (``group_l0``: a hard-concrete gate
+per unit; ``group_vd``: Bayesian group variational dropout), thresholds it, shrinks it physically
+(:func:`bayes_sparse.export.shrink`) and measures, side by side in one process (interleaved rounds, median,
+1 thread), the dense original against the shrunk network at batch 1 and batch 64, in torch and in
+onnxruntime (when installed), and the shrunk network again through ``export.compile(kernel="auto")``.
+
+Units are counted as the anchors count them (``../shared/ANCHORS.md``, "Structured"): LeNet-5 conv1 and conv2
+output channels, then the inputs of fc1 and fc2; LeNet-300-100 the inputs of its three layers.
+
+    python benchmarks/structured.py --net lenet5 --method group_l0 --epochs 100      # ~1 h on one thread
+    python benchmarks/structured.py --net lenet300 --method group_l0 --epochs 100
+    python benchmarks/structured.py --from-checkpoint benchmarks/results/structured_lenet5_group_l0_model.safetensors
+    python benchmarks/structured.py --plot                                           # the figure of every result
+
+Each run writes ``benchmarks/results/structured_<net>_<method>.json`` and its model checkpoint beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayes_sparse as bs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mnist_methods import NETS  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+#: Per-layer options by (net, method, recipe). LeNet-5 "sep" is the L0 paper's per-layer penalty
+#: (10, 0.5, 0.1, 10 in units of 1/N for conv1, conv2, fc1, fc2); gates on conv output channels and on
+#: the inputs of the fully connected layers, as the paper counts them.
+LAYERS = {
+    "lenet5": ["1", "4", "8", "10"],
+    "lenet300": ["0", "2", "4"],
+}
+UNITS = {  # which side of each layer the anchors count
+    "lenet5": ["out", "out", "in", "in"],
+    "lenet300": ["in", "in", "in"],
+}
+PENALTIES = {
+    ("lenet5", "group_l0", "sep"): [10.0, 0.5, 0.1, 10.0],
+    ("lenet5", "group_l0", "paper"): [0.1, 0.1, 0.1, 0.1],
+    ("lenet300", "group_l0", "paper"): [0.1, 0.1, 0.1],
+}
+ANCHORS = {
+    "lenet5": {"L0 (Louizos 2018)": ([20, 25, 45, 462], 0.9), "L0-sep": ([9, 18, 65, 25], 1.0),
+               "BC-GNJ": ([8, 13, 88, 13], 1.0), "BC-GHS": ([5, 10, 76, 16], 1.0),
+               "SBP": ([3, 18, 284, 283], 0.86)},
+    "lenet300": {"L0 (Louizos 2018)": ([266, 88, 33], 1.6)},
+}
+
+
+def build(net_name: str, method: str, recipe: str, warmup: tuple[float, float]) -> nn.Module:
+    """The net with ``method`` on every layer. ``group_l0`` gates the units the anchors count (``UNITS``);
+    ``group_vd`` scales output units, so its last layer (whose outputs are the classes) takes per-weight ``vd``."""
+    net = NETS[net_name]()
+    names = LAYERS[net_name]
+    for i, (name, unit) in enumerate(zip(names, UNITS[net_name])):
+        if method == "group_l0":
+            options = {"unit": unit, "penalty": PENALTIES[(net_name, method, recipe)][i]}
+            if net_name == "lenet300" and i == 0:
+                options["droprate_init"] = 0.2  # the paper's initial drop rate on an MLP's input layer
+            net = bs.sparsify(net, "group_l0", include=[name], warmup=warmup, **options)
+        elif name == names[-1]:
+            net = bs.sparsify(net, "vd", include=[name], warmup=warmup)
+        else:
+            net = bs.sparsify(net, "group_vd", include=[name], warmup=warmup)
+    return net
+
+
+def units_kept(net_name: str, model: nn.Module) -> list[int]:
+    """The anchors' count: output channels kept for conv layers, inputs read for fc layers (on a plain model)."""
+    modules = dict(model.named_modules())
+    kept = []
+    for name, unit in zip(LAYERS[net_name], UNITS[net_name]):
+        w = modules[name].weight.detach()
+        flat = w.flatten(1) if unit == "out" else w.transpose(0, 1).flatten(1)
+        kept.append(int((flat != 0).any(1).sum()))
+    return kept
+
+
+def train(net_name: str, net: nn.Module, data: bs.data.MNIST, epochs: int, lr: float, batch_size: int, seed: int,
+          log: Callable[[str], None]) -> list[dict]:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    n = data.x_train.shape[0]
+    curve = []
+    for epoch in range(epochs):
+        factor = 1.0 if epoch < epochs // 2 else (epochs - epoch) / (epochs - epochs // 2)  # flat, then to 0
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+        bs.on_epoch_start(net, epoch, epochs)
+        net.train()
+        perm = torch.randperm(n)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx]) + bs.regularizer(net) / n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bs.after_step(net, lr * factor, n)
+            total += float(loss) * len(idx)
+        net.eval()
+        err = bs.error_rate(net, data.x_test, data.y_test)
+        row = {"epoch": epoch, "loss": total / n, "test_error": err, "units": units_kept(net_name, bs.to_dense(net))}
+        curve.append(row)
+        log(f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, test error {100 * err:.2f}%, units {row['units']}")
+    return curve
+
+
+def time_side_by_side(models: dict[str, Callable[[torch.Tensor], object]], inputs: dict[int, torch.Tensor],
+                      rounds: int = 15, min_seconds: float = 0.02) -> dict[int, dict[str, float]]:
+    """Median seconds per call of each model at each batch size, interleaved rounds, 1 thread."""
+    out = {}
+    for batch, x in inputs.items():
+        reps = {}
+        for name, fn in models.items():  # warm up and size the repetitions to ~min_seconds
+            fn(x)
+            start, k = time.perf_counter(), 0
+            while time.perf_counter() - start < min_seconds:
+                fn(x)
+                k += 1
+            reps[name] = max(1, k)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, fn in models.items():
+                start = time.perf_counter()
+                for _ in range(reps[name]):
+                    fn(x)
+                times[name].append((time.perf_counter() - start) / reps[name])
+        out[batch] = {name: statistics.median(v) for name, v in times.items()}
+    return out
+
+
+def onnx_runners(models: dict[str, nn.Module], example: torch.Tensor, folder: Path) -> tuple[dict, dict]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {}, {}
+    runners, sizes = {}, {}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    for name, model in models.items():
+        path = folder / f"{name}.onnx"
+        bs.export.onnx.to_onnx(model, example, path)
+        sizes[name] = path.stat().st_size
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        runners[f"onnx_{name}"] = (lambda s, i: (lambda x: s.run(None, {i: x.numpy()})))(session, input_name)
+    return runners, sizes
+
+
+def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callable[[str], None]) -> dict:
+    """Threshold (already done), shrink, check, time."""
+    torch.set_num_threads(1)
+    sparse.eval()
+    dense_original = NETS[net_name]().eval()
+    exported = bs.to_dense(sparse).eval()
+    dense_original.load_state_dict(exported.state_dict())
+    example = data.x_test[:8]
+    shrunk = bs.export.shrink(exported, example)
+    err_sparse = bs.error_rate(sparse, data.x_test, data.y_test)
+    err_shrunk = bs.error_rate(shrunk, data.x_test, data.y_test)
+    with torch.no_grad():
+        gap = float((shrunk(data.x_test[:1000]) - exported(data.x_test[:1000])).abs().max())
+    params_dense = sum(p.numel() for p in NETS[net_name]().parameters())
+    params_shrunk = sum(p.numel() for p in shrunk.parameters())
+    nonzero_shrunk = sum(int((p != 0).sum()) for p in shrunk.parameters())
+    log(f"shrunk: error {100 * err_shrunk:.2f}% (thresholded model {100 * err_sparse:.2f}%), parameters "
+        f"{params_dense} -> {params_shrunk}, max output gap {gap:.2e}")
+    reference = NETS[net_name]().eval()  # the unpruned architecture: the dense original every speedup is against
+    compiled = bs.export.compile(shrunk, kernel="auto", batch_size=1, threads=1, example_input=example[:1])
+    models = {"dense": reference, "shrunk": shrunk, "shrunk_compiled_auto": compiled}
+    with torch.inference_mode():
+        calls = {k: (lambda m: (lambda x: m(x)))(m) for k, m in models.items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_calls, onnx_sizes = onnx_runners({"dense": reference, "shrunk": shrunk}, example[:1], Path(tmp))
+            calls.update(onnx_calls)
+            seconds = time_side_by_side(calls, {1: data.x_test[:1].contiguous(), 64: data.x_test[:64].contiguous()})
+    speed = {}
+    for batch, t in seconds.items():
+        speed[str(batch)] = {"ms": {k: 1e3 * v for k, v in t.items()},
+                             "speedup_shrunk": t["dense"] / t["shrunk"],
+                             "speedup_shrunk_compiled_auto": t["dense"] / t["shrunk_compiled_auto"]}
+        if "onnx_dense" in t:
+            speed[str(batch)]["onnx_speedup_shrunk"] = t["onnx_dense"] / t["onnx_shrunk"]
+        log(f"batch {batch}: " + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in t.items()))
+    macs_dense, macs_shrunk = macs(reference, example[:1]), macs(shrunk, example[:1])
+    return {"test_error_percent": 100 * err_shrunk, "thresholded_test_error_percent": 100 * err_sparse,
+            "max_output_gap": gap, "units_kept": units_kept(net_name, exported),
+            "shrunk_shapes": {n: list(m.weight.shape) for n, m in shrunk.named_modules()
+                              if isinstance(m, (nn.Linear, nn.Conv2d))},
+            "parameters_dense": params_dense, "parameters_shrunk": params_shrunk,
+            "nonzero_parameters_shrunk": nonzero_shrunk, "macs_dense": macs_dense, "macs_shrunk": macs_shrunk,
+            "flop_reduction": macs_dense / macs_shrunk, "speed": speed, "onnx_bytes": onnx_sizes,
+            "compression_per_weight": bs.report(exported).compression}
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward (Linear and Conv layers), counted with forward hooks."""
+    total = 0
+
+    def hook(m, inputs, out):
+        nonlocal total
+        if isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features * (out.numel() // out.shape[-1])
+        elif isinstance(m, nn.Conv2d):
+            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(RESULTS.glob("structured_*.json"))
+    files = [f for f in files if not f.name.endswith("_model.json")]
+    if not files:
+        print("no results to plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, net_name in zip(axes, ["lenet5", "lenet300"]):
+        labels = [f"L{i + 1}" for i in range(len(LAYERS[net_name]))]
+        for name, (units, err) in ANCHORS[net_name].items():
+            ax.plot(labels, units, "o--", alpha=0.5, label=f"{name} ({err}%)")
+        for f in files:
+            r = json.loads(f.read_text())
+            if r["net"] == net_name:
+                ax.plot(labels, r["units_kept"], "s-", linewidth=2,
+                        label=f"bayes_sparse {r['method']} ({r['test_error_percent']:.2f}%)")
+        ax.set_yscale("log")
+        ax.set_title(f"{net_name}: units kept per layer (lower is smaller)")
+        ax.set_ylabel("units kept")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = RESULTS / "structured.png"
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--net", choices=sorted(LAYERS), default="lenet5")
+    p.add_argument("--method", choices=["group_l0", "group_vd"], default="group_l0")
+    p.add_argument("--recipe", default="sep", help="group_l0 per-layer penalties: sep (L0-sep) or paper (0.1/N)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--from-checkpoint", type=Path, default=None, help="skip training: evaluate this checkpoint")
+    p.add_argument("--plot", action="store_true", help="only draw benchmarks/results/structured.png")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.plot:
+        plot()
+        return None
+    torch.set_num_threads(args.threads)
+    recipe = args.recipe if args.method == "group_l0" else "vd"
+    if args.method == "group_l0" and (args.net, args.method, recipe) not in PENALTIES:
+        p.error(f"no recipe {recipe!r} for {args.net}; choose one of "
+                f"{sorted(r for n, m, r in PENALTIES if n == args.net and m == args.method)}")
+    out = args.out or RESULTS / f"structured_{args.net}_{args.method}.json"
+    ckpt = out.with_name(out.stem + "_model.safetensors")
+    data = bs.data.load_mnist()
+    log = (lambda s: print(s, flush=True))
+    net = build(args.net, args.method, recipe, warmup=(0.025, 0.1))
+    curve, seconds = [], 0.0
+    if args.from_checkpoint:
+        bs.export.load_checkpoint(net, args.from_checkpoint)
+    else:
+        start = time.perf_counter()
+        curve = train(args.net, net, data, args.epochs, args.lr, args.batch_size, args.seed, log)
+        seconds = time.perf_counter() - start
+        bs.threshold_(net)
+        bs.export.save_checkpoint(net, ckpt)
+        log(f"wrote {ckpt}")
+    result = {"net": args.net, "method": args.method, "recipe": recipe, "epochs": args.epochs, "lr": args.lr,
+              "batch_size": args.batch_size, "seed": args.seed, "train_seconds": seconds,
+              "anchors": {k: {"units": u, "error_percent": e} for k, (u, e) in ANCHORS[args.net].items()}}
+    result.update(evaluate(args.net, net, data, log))
+    result.update({"curve": curve, "torch": torch.__version__, "python": platform.python_version(),
+                   "command": "python " + " ".join(sys.argv)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    log(f"wrote {out}")
+    plot()
+    return result
+
+
+if __name__ == "__main__":
+    main()
