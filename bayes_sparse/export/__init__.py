@@ -2,7 +2,7 @@
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .dense import dense_copy, to_dense
-from .fileformat import CorruptFileError, FileReport, load, load_state_dict, save
+from .fileformat import CorruptFileError, FileReport, describe_file, load, load_state_dict, save
 from .kernels import KERNELS, SparseKernel, compile, kernel_report
 from .onnx import to_onnx
 
@@ -13,6 +13,7 @@ __all__ = [
     "SparseKernel",
     "compile",
     "dense_copy",
+    "describe_file",
     "kernel_report",
     "load",
     "load_checkpoint",

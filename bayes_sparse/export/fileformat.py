@@ -33,10 +33,10 @@ from .._validation import check_module, check_number
 from ..layers.base import SparseLayer
 from . import _container, _policy, _tree
 from ._container import DEFAULT_MAX_NUMEL, decode_header, encode_header  # noqa: F401  (importable from here, as before)
-from ._spec import MAGIC, VALUE_DTYPES, VERSION, WEIGHT_DTYPES, CorruptFileError, st_name  # noqa: F401  (idem)
+from ._spec import MAGIC, ST_DTYPES, VALUE_DTYPES, VERSION, WEIGHT_DTYPES, CorruptFileError, st_name  # noqa: F401  (idem)
 from .dense import dense_copy
 
-__all__ = ["CorruptFileError", "FileReport", "load", "load_state_dict", "save"]
+__all__ = ["CorruptFileError", "FileReport", "describe_file", "load", "load_state_dict", "save"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -51,6 +51,20 @@ class FileReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "total_bytes": self.total_bytes, "layers": self.layers}
+
+    def __str__(self) -> str:
+        head = ("tensor", "shape", "kept", "encoding", "bytes")
+        rows = []
+        for key, r in self.layers.items():
+            shape = "x".join(map(str, r.get("shape", ()))) or "scalar"
+            kept = f"{r['nnz']:,}/{r['numel']:,}" if "nnz" in r else ""
+            rows.append((key, shape, kept, r["encoding"], f"{r['bytes']:,}"))
+        rows.append(("total (file)", "", "", "", f"{self.total_bytes:,}"))
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        fmt = lambda row: "  ".join(  # noqa: E731
+            str(c).ljust(w) if i != 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        return "\n".join([fmt(head), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1])])
 
 
 def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32", tolerance: float = 0.1,
@@ -131,6 +145,53 @@ def save(model: nn.Module, path: PathLike, *, values: Union[str, int] = "float32
         tensors.update(encoded.tensors)
     total = _container.write(path, entries, tensors, _tree.recordable(dense, state))
     return FileReport(str(path), total, report)
+
+
+def describe_file(path: PathLike, max_numel: int = DEFAULT_MAX_NUMEL) -> FileReport:
+    """What a file written by :func:`save` holds, per tensor, read from its checked headers alone.
+
+    No tensor data is read or decoded, and no model code is needed: the headers (checksummed) give each
+    state-dict entry's shape, kept weights, encoding and stored bytes. ``print`` the result for a table.
+
+    Args:
+        path: The file.
+        max_numel: See :func:`load_state_dict` (the entries are checked against it as in a load).
+
+    Returns:
+        A :class:`FileReport` whose ``layers`` map each state-dict key to ``shape``, ``bytes`` (stored,
+        after the codecs), ``encoding`` and, for sparse weights, ``nnz`` and ``numel``; ``total_bytes`` is
+        the file's size.
+
+    Raises:
+        CorruptFileError: the file's frame or headers are bad (see :func:`load_state_dict`); damage inside
+            the data section is only found by a load.
+
+    Example:
+        >>> import bayes_sparse as bs, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> _ = bs.export.save(nn.Sequential(nn.Linear(4, 2)), p)
+        >>> bs.export.describe_file(p).layers["0.weight"]["nnz"]
+        8
+    """
+    budget = [int(max_numel)]
+    fr = _container._frame(path, budget)
+    fr.file.close()
+    infos = {k: r.info for k, r in fr.table.items()}
+    plans = _container._plan(path, fr.header, infos, budget, fr.version)
+    layers: dict[str, dict[str, Any]] = {}
+    for key, p in plans.items():
+        if isinstance(p, _container._sparse.Plan):
+            entry = fr.header["tensors"][key]
+            values = p.values if p.values != "codebook" else f"{p.value_bits}-bit codebook"
+            codecs = "".join(f", {k} {c.get('codec')}" for k, c in entry.get("codecs", {}).items())
+            layers[key] = {"shape": list(p.shape), "nnz": p.nnz, "numel": p.numel,
+                           "encoding": f"{p.kind}{p.index_bits} + {values}{codecs}",
+                           "bytes": sum(fr.table[n].end - fr.table[n].start for n in p.names)}
+        else:
+            row = fr.table[p]
+            layers[key] = {"shape": list(row.shape), "encoding": f"plain {str(ST_DTYPES[row.dtype])[6:]}",
+                           "bytes": row.end - row.start}
+    return FileReport(str(path), os.stat(path).st_size, layers)  # the frame check made it 8 + header + data
 
 
 def load_state_dict(path: PathLike, max_numel: int = DEFAULT_MAX_NUMEL) -> dict[str, Tensor]:

@@ -333,3 +333,26 @@ def test_an_all_zero_weight_saves_and_loads(tmp_path, values):
     back = bs.export.load(tmp_path / "z.safetensors")
     assert not back[0].weight.any() and not back[1].weight.any()
     assert back[0].weight.shape == (3, 6) and back[1].weight.shape == (300, 3)
+
+
+def test_describe_file_lists_each_tensor_from_the_headers(tmp_path):
+    net = bs.sparsify(nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3)), method="magnitude")
+    bs.threshold_(net, sparsity=0.75)
+    path = tmp_path / "m.safetensors"
+    saved = bs.export.save(net, path)
+    rep = bs.export.describe_file(path)
+    assert rep.total_bytes == saved.total_bytes == path.stat().st_size
+    assert set(rep.layers) == set(saved.layers) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    for key, row in saved.layers.items():
+        assert {k: rep.layers[key][k] for k in row} == row  # what save reported, read back from the headers
+    assert (rep.layers["0.weight"]["nnz"], rep.layers["0.weight"]["numel"]) == (40, 160)
+    assert rep.layers["0.bias"] == {"shape": [8], "encoding": "plain float32", "bytes": 32}
+    text = str(rep)
+    assert "0.weight" in text and "40/160" in text and f"{rep.total_bytes:,}" in text
+
+
+def test_describe_file_refuses_a_damaged_header(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x04\x00")
+    with pytest.raises(bs.export.CorruptFileError, match="too short"):
+        bs.export.describe_file(path)

@@ -1,0 +1,124 @@
+"""``summary.md`` and plots from a results file: one table over (net, method, strength), Pareto fronts per method."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .aggregate import Group, Stat, aggregate, pareto_front
+
+__all__ = ["read_results", "summary_markdown", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+
+def read_results(path: Union[str, Path]) -> list[dict[str, Any]]:
+    """The run records of a ``results.jsonl`` (a truncated last line is skipped with a warning).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a corrupt line before the last, lines of more than one config, or no finished run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file (bayes-sparse bench writes DIR/results.jsonl)")
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise ValueError(f"{path}, line {i + 1} is corrupt and is not the last line; fix or remove it") from None
+            warnings.warn(f"{path}, line {i + 1} is truncated or corrupt (a run killed while writing?); skipped",
+                          UserWarning, stacklevel=2)
+    hashes = sorted({str(r.get("config_hash")) for r in rows})
+    if len(hashes) > 1:
+        raise ValueError(f"{path} mixes results of {len(hashes)} configs (hashes {', '.join(hashes)}); report one "
+                         "config's file at a time")
+    if not rows:
+        raise ValueError(f"{path} holds no finished run")
+    return rows
+
+
+def _fmt(s: Optional[Stat], scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
+    if s is None:
+        return "-"
+    text = f"{scale * s.mean:.{digits}f}{suffix}"
+    if s.half_width is not None:
+        text += f" ± {scale * s.half_width:.{digits}f}"
+    return text
+
+
+def summary_markdown(groups: list[Group], title: str = "Benchmark") -> str:
+    """The summary: one table (mean ± 95% CI over seeds) and the Pareto front of each (net, method)."""
+    lines = [f"# {title}", "",
+             "Mean ± half-width of the 95% Student-t confidence interval over seeds (n = seeds; no interval for "
+             "n = 1). Errors in %; compression = total / non-zero weights; FLOP reduction = dense / kept MACs; "
+             "speedups = dense / compiled (`kernel=\"auto\"`) CPU latency, one thread.", "",
+             "| net | method | strength | seeds | test error % | val error % | compression | FLOP reduction | "
+             "speedup b=1 | speedup b=64 | units kept | kept per layer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        s = g.stats
+        lines.append(f"| {g.net} | {g.method} | {g.strength}={g.value:g} | {len(g.seeds)} | "
+                     f"{_fmt(s.get('test_error'), 100)} | {_fmt(s.get('val_error'), 100)} | "
+                     f"{_fmt(s.get('compression'), digits=1, suffix='x')} | "
+                     f"{_fmt(s.get('flop_reduction'), digits=1, suffix='x')} | "
+                     f"{_fmt(s.get('speedup_batch1'), suffix='x')} | {_fmt(s.get('speedup_batch64'), suffix='x')} | "
+                     f"{_fmt(s.get('units_kept_total'), digits=0)} | {'-'.join(f'{u:g}' for u in g.units_kept)} |")
+    lines += ["", "## Pareto fronts (test error vs compression, means over seeds)", ""]
+    for (net, method), gs in _by_net_method(groups).items():
+        pts = [(g.stats["test_error"].mean, g.stats["compression"].mean) for g in gs
+               if "test_error" in g.stats and "compression" in g.stats]
+        kept = [g for g in gs if "test_error" in g.stats and "compression" in g.stats]
+        front = pareto_front(pts)
+        text = ", ".join(f"{kept[i].strength}={kept[i].value:g}: {100 * pts[i][0]:.2f}% at {pts[i][1]:.1f}x"
+                         for i in front)
+        lines.append(f"- **{net} / {method}**: {text or '-'}")
+    return "\n".join(lines) + "\n"
+
+
+def _by_net_method(groups: list[Group]) -> dict[tuple[str, str], list[Group]]:
+    out: dict[tuple[str, str], list[Group]] = {}
+    for g in groups:
+        out.setdefault((g.net, g.method), []).append(g)
+    return out
+
+
+def write_report(results: Union[str, Path], out: Optional[Union[str, Path]] = None) -> dict[str, Any]:
+    """Aggregate ``results`` and write ``summary.md``, ``summary.json`` and PNG plots to ``out``.
+
+    Args:
+        results: A ``results.jsonl``.
+        out: Output folder (default: the results file's folder).
+
+    Returns:
+        ``{"summary": path, "json": path, "plots": [paths]}`` (no plots without matplotlib, with a warning).
+    """
+    results = Path(results)
+    out = Path(out) if out is not None else results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_results(results)
+    groups = aggregate(rows)
+    title = f"Benchmark {rows[0].get('config_name', '')} (config {rows[0].get('config_hash')})".strip()
+    summary = out / "summary.md"
+    summary.write_text(summary_markdown(groups, title))
+    as_json = out / "summary.json"
+    as_json.write_text(json.dumps([{"net": g.net, "method": g.method, "strength": g.strength, "value": g.value,
+                                    "seeds": list(g.seeds), **{k: v.to_dict() for k, v in g.stats.items()},
+                                    "layer_density": g.layer_density, "units_kept": g.units_kept}
+                                   for g in groups], indent=2))
+    try:
+        from .plots import plot_all
+    except ImportError as e:  # matplotlib is optional (the "plots" extra)
+        warnings.warn(f"no plots: {e}; pip install matplotlib", UserWarning, stacklevel=2)
+        plots: list[Path] = []
+    else:
+        plots = plot_all(groups, out)
+    return {"summary": summary, "json": as_json, "plots": plots}

@@ -1,0 +1,84 @@
+"""The ``bayes-sparse`` command: ``bench`` (run a config), ``report`` (aggregate results), ``inspect`` (a saved file).
+
+    bayes-sparse bench benchmarks/configs/smoke.toml --out runs/smoke --jobs 2
+    bayes-sparse report runs/smoke/results.jsonl
+    bayes-sparse inspect runs/smoke/models/<run>.safetensors
+
+The logic lives in :mod:`bayes_sparse.bench` and :mod:`bayes_sparse.export`; this module only parses
+arguments and turns the library's errors into one-line messages (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bayes-sparse", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="run a benchmark config (one process per run)")
+    b.add_argument("config", type=Path, help="TOML config (see benchmarks/configs/)")
+    b.add_argument("--jobs", "-j", type=int, default=1, help="runs in parallel (each on one torch thread when > 1)")
+    b.add_argument("--resume", action="store_true", help="run only the runs missing from OUT/results.jsonl")
+    b.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<config name>)")
+    b.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r = sub.add_parser("report", help="aggregate a results.jsonl: summary.md, summary.json, PNG plots")
+    r.add_argument("results", type=Path)
+    r.add_argument("--out", type=Path, default=None, help="output folder (default: beside the results)")
+    i = sub.add_parser("inspect", help="per-tensor table of a file written by bayes_sparse.export.save")
+    i.add_argument("model", type=Path)
+    return p
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import load_config, run_bench
+
+    config = load_config(args.config)
+    out = args.out or Path("runs") / config.name
+    start = time.perf_counter()
+    result = run_bench(config, out, jobs=args.jobs, resume=args.resume, device=args.device,
+                       progress=not args.no_progress)
+    print(f"{len(result.ran)} run(s) done, {len(result.skipped)} already in {result.results} "
+          f"({time.perf_counter() - start:.0f} s); next: bayes-sparse report {result.results}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .bench.report import write_report
+
+    written = write_report(args.results, args.out)
+    print(f"wrote {written['summary']}, {written['json']}" + "".join(f", {p}" for p in written["plots"]))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .export import describe_file
+
+    print(describe_file(args.model))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``bayes-sparse`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+    try:
+        return {"bench": _bench, "report": _report, "inspect": _inspect}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:  # bad input: one clear line, no traceback
+        print(f"bayes-sparse {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
