@@ -5,7 +5,8 @@ SVI (:class:`SVIModel`) or a plain loop (``loss = nll + regularizer(model) / N``
 :func:`threshold_`, export with :func:`to_dense`, and read the gains with :func:`report`.
 
 Methods: ``"vd"`` Sparse Variational Dropout, ``"l0"`` hard-concrete gates, ``"ltp"`` learned-threshold
-soft L0, ``"l1"`` L1 penalty (optionally proximal), ``"magnitude"`` magnitude pruning.
+soft L0, ``"l1"`` L1 penalty (optionally proximal), ``"magnitude"`` magnitude pruning; structured (whole
+neurons/channels): ``"group_l0"`` a hard-concrete gate per unit, ``"group_vd"`` group variational dropout.
 """
 
 from . import data, distributed, distributions, export, functional, infer, integrations, likelihoods
@@ -13,6 +14,16 @@ from .convert import ConversionReport, conversion_report, method_class, methods,
 from .export import to_dense
 from .infer import SVIModel, SVIStep, check_finite_, error_rate, fit_svi, sampling_mode
 from .layers import (
+    GroupL0,
+    GroupL0Conv1d,
+    GroupL0Conv2d,
+    GroupL0Conv3d,
+    GroupL0Linear,
+    GroupVD,
+    GroupVDConv1d,
+    GroupVDConv2d,
+    GroupVDConv3d,
+    GroupVDLinear,
     L0,
     L1,
     LTP,
@@ -55,6 +66,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConversionReport",
+    "GroupL0",
+    "GroupL0Conv1d",
+    "GroupL0Conv2d",
+    "GroupL0Conv3d",
+    "GroupL0Linear",
+    "GroupVD",
+    "GroupVDConv1d",
+    "GroupVDConv2d",
+    "GroupVDConv3d",
+    "GroupVDLinear",
     "L0",
     "L0Conv1d",
     "L0Conv2d",

@@ -40,6 +40,10 @@ class LayerStats(_Ratios):
     shape: tuple[int, ...]
     weights: int
     nonzero: int
+    #: Output units (rows of the weight: neurons, output channels) and those kept: with a non-zero weight
+    #: or a non-zero bias (a unit whose row and bias are all zero outputs 0 and can be removed).
+    units: int = 0
+    units_kept: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,11 +89,13 @@ class SparsityReport(_Ratios):
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
-        head = ("layer", "type", "shape", "weights", "non-zero", "density", "compression")
+        head = ("layer", "type", "shape", "weights", "non-zero", "density", "compression", "units kept")
         rows = [(r.name or "(root)", r.type, "x".join(map(str, r.shape)), f"{r.weights:,}", f"{r.nonzero:,}",
-                 f"{100 * r.density:.2f}%", f"{r.compression:.1f}x") for r in self.layers]
+                 f"{100 * r.density:.2f}%", f"{r.compression:.1f}x", f"{r.units_kept:,}/{r.units:,}")
+                for r in self.layers]
         rows.append(("total", "", "", f"{self.weights:,}", f"{self.nonzero:,}", f"{100 * self.density:.2f}%",
-                     f"{self.compression:.1f}x"))
+                     f"{self.compression:.1f}x", f"{sum(r.units_kept for r in self.layers):,}/"
+                     f"{sum(r.units for r in self.layers):,}"))
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         fmt = lambda row: "  ".join(  # noqa: E731
             str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -102,6 +108,10 @@ class SparsityReport(_Ratios):
 def report(model: nn.Module, **extra: Any) -> SparsityReport:
     """Count weights and non-zeros in every weight matrix of ``model`` (Linear/Conv layers and any other
     parameter with 2+ dimensions; a tied weight once).
+
+    Each row also counts the layer's output units (weight rows: neurons, output channels) and those kept,
+    a unit being kept when its (masked) weight row or its bias is not all zero; this is what
+    :func:`bayes_sparse.export.shrink` can remove, for every method (structured ones remove whole units).
 
     Sparse layers count the weights their hard mask keeps (fixed by ``threshold_``, else the default
     criterion); plain layers count their non-zero entries, so a model exported with ``to_dense`` reports
@@ -123,16 +133,19 @@ def report(model: nn.Module, **extra: Any) -> SparsityReport:
     rows = []
     seen: set[int] = set()  # a tied weight is counted once
 
-    def add(row_name: str, kind: str, w: torch.Tensor, nnz_of) -> None:
+    def add(row_name: str, kind: str, w: torch.Tensor, nnz_of, kept_of=None) -> None:
         if id(w) not in seen:
             seen.add(id(w))
-            rows.append(LayerStats(row_name, kind, tuple(w.shape), w.numel(), int(nnz_of())))
+            units = w.shape[0] if w.dim() else 0
+            kept = kept_of() if kept_of is not None else _units_kept(w != 0, None)
+            rows.append(LayerStats(row_name, kind, tuple(w.shape), w.numel(), int(nnz_of()), units, int(kept)))
 
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, SparseLayer):
                 if m.dense_type is not ParameterHolder:  # held parameters are listed under their owner
-                    add(name, type(m).__name__, m.raw_weight, lambda m=m: (m.hard_mask() & (m.raw_weight != 0)).sum())
+                    add(name, type(m).__name__, m.raw_weight, lambda m=m: (m.hard_mask() & (m.raw_weight != 0)).sum(),
+                        lambda m=m: _units_kept(m.hard_mask() & (m.masked_weight() != 0), m.masked_bias()))
                 continue
             prefix = f"{name}." if name else ""
             held = held_parameters(m)
@@ -140,9 +153,18 @@ def report(model: nn.Module, **extra: Any) -> SparsityReport:
                 add(prefix + pname, f"{type(m)._sparse_owner_base.__name__} ({type(holder).__name__})",
                     holder.raw_weight, lambda h=holder: (h.hard_mask() & (h.raw_weight != 0)).sum())
             if isinstance(m, SUPPORTED_DENSE_TYPES) and not held:
-                add(name, type(m).__name__, m.weight, lambda m=m: (m.weight != 0).sum())
+                add(name, type(m).__name__, m.weight, lambda m=m: (m.weight != 0).sum(),
+                    lambda m=m: _units_kept(m.weight != 0, m.bias))
                 continue
             for pname, p in m._parameters.items():  # other weight matrices: attention, RNN, embeddings, ...
                 if p is not None and p.dim() >= 2:
                     add(prefix + pname, type(m).__name__, p, lambda p=p: (p != 0).sum())
     return SparsityReport(tuple(rows), dict(extra))
+
+
+def _units_kept(nonzero: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Rows (dimension 0) of a weight with a non-zero entry, or a non-zero bias."""
+    alive = nonzero.reshape(nonzero.shape[0], -1).any(dim=1)
+    if bias is not None:
+        alive = alive | (bias.detach() != 0)
+    return int(alive.sum())

@@ -214,7 +214,7 @@ def test_errors_list_what_was_found_and_supported():
         bs.sparsify(Zoo(), include=["bn", "stem"])
     with pytest.raises(TypeError, match="explicitly included"):
         bs.sparsify(Zoo(), include=[nn.BatchNorm2d])
-    with pytest.raises(ValueError, match="unknown method 'sparse_vd'; known: l0, l1, ltp, magnitude, vd"):
+    with pytest.raises(ValueError, match="unknown method 'sparse_vd'; known: group_l0, group_vd, l0, l1, ltp, magnitude, vd"):
         bs.sparsify(Zoo(), method="sparse_vd")
     with pytest.raises(TypeError, match="include entries must be module types, names or name patterns, got 3"):
         bs.sparsify(Zoo(), include=[3])

@@ -157,7 +157,7 @@ class SparseLayer:
     A method subclasses this and sets :attr:`method` (its registered name), :attr:`options`, and
     implements :meth:`init_parameters`, :meth:`keep_score`, :meth:`criterion_mask` and
     :meth:`regularizer`; it may override :meth:`init_from_dense`, :meth:`posterior_std`,
-    :meth:`masked_weight`, :meth:`_forward_train` and the schedule hooks. ``Method[nn.Linear]`` is then
+    :meth:`masked_weight`, :meth:`masked_bias`, :meth:`_forward_train` and the schedule hooks. ``Method[nn.Linear]`` is then
     its drop-in ``nn.Linear`` (same constructor arguments, plus the method's options as keywords).
 
     Attributes:
@@ -317,6 +317,12 @@ class SparseLayer:
             return w
         return w * self.hard_mask().to(w.dtype)
 
+    def masked_bias(self) -> Optional[Tensor]:
+        """The bias evaluation and the dense export use (``None`` when the layer has none). By default the
+        bias as stored; structured methods (``group_l0``, ``group_vd``) zero the bias of a removed output unit
+        and fold their unit scales into it, so a removed unit outputs exactly 0."""
+        return getattr(self, "bias", None)
+
     def _train_weight(self) -> Tensor:
         """The raw weight with the fixed mask applied once thresholding has fixed one."""
         w = self.raw_weight
@@ -378,7 +384,7 @@ class SparseLayer:
                             f"the model with model.to({w.dtype}), or run under torch.autocast")
         if self.training:
             return self._forward_train(x)
-        return self._affine(x, self.masked_weight(), self.bias)
+        return self._affine(x, self.masked_weight(), self.masked_bias())
 
     # ----- conversion ------------------------------------------------------------------------------
     @classmethod
@@ -451,7 +457,7 @@ class SparseLayer:
         with torch.no_grad():
             dense.weight.copy_(self.masked_weight())
             if self.bias is not None:
-                dense.bias.copy_(self.bias)
+                dense.bias.copy_(self.masked_bias())
         dense.train(self.training)
         return dense
 

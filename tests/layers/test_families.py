@@ -13,8 +13,9 @@ import bayes_sparse as bs
 from bayes_sparse import functional as BF
 from tests.cases import CASE_IDS, LAYER_CASES
 
-METHODS = ["vd", "l0", "ltp", "l1", "magnitude"]
-PREFIX = {"vd": "VD", "l0": "L0", "ltp": "LTP", "l1": "L1", "magnitude": "Magnitude"}
+METHODS = ["vd", "l0", "ltp", "l1", "magnitude", "group_l0", "group_vd"]
+PREFIX = {"vd": "VD", "l0": "L0", "ltp": "LTP", "l1": "L1", "magnitude": "Magnitude", "group_l0": "GroupL0",
+          "group_vd": "GroupVD"}
 
 
 def _cls(method, suffix):
