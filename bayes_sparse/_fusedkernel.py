@@ -5,8 +5,8 @@ term, and in the backward pass their derivatives. Written with ATen operations t
 passes over the weights each way, a few of them transcendental; on a LeNet-300-100 step they cost more than
 the matrix products. Here the forward is one pass (and a sum), the backward one pass that recomputes what it
 needs from ``theta`` and ``log sigma^2`` (so nothing per weight is kept between them). The loops are plain
-C++ that the compiler vectorizes, ``exp``/``log`` included (glibc's vector maths under ``-ffast-math``), and
-rows are split across threads.
+C++ that the compiler vectorizes, ``exp``/``log`` included (glibc's vector maths, declared SIMD-callable;
+no ``-ffast-math``, so NaN and inf propagate as in the ATen formulas), and rows are split across threads.
 
 The kernel is float32-only and CPU-only, and only used outside ``torch.compile`` tracing; everything else
 (float64 for ``gradcheck``, CUDA, compiled graphs, machines without a compiler, ``BAYES_SPARSE_NO_CPP=1``)
@@ -35,6 +35,13 @@ _SOURCE = r"""
 #include <cmath>
 #include <vector>
 
+// glibc's vector maths (libmvec) for expf/logf: declared SIMD-callable here, so the loops below vectorize
+// without -ffast-math (which would also drop NaN propagation: a NaN parameter must give a NaN result).
+extern "C" {
+__attribute__((__simd__("notinbranch"))) float expf(float) noexcept;
+__attribute__((__simd__("notinbranch"))) float logf(float) noexcept;
+}
+
 namespace {
 constexpr float K1 = 0.63576f, K2 = 1.87320f, K3 = 1.48695f, EPS = 1e-16f;
 constexpr int64_t GRAIN = 16384;
@@ -50,9 +57,9 @@ void check(const torch::Tensor& t, const torch::Tensor& like, const char* name) 
 // One element: log alpha (clipped), alpha, s = sigmoid(k2 + k3 log alpha), and the unclipped value u.
 struct Stats { float u, la, a, s; };
 static inline Stats stats(float t2, float ls, float c) {
-  const float u = ls - std::log(t2 + EPS);
-  const float la = std::fmin(std::fmax(u, -c), c);
-  return {u, la, std::exp(la), 1.f / (1.f + std::exp(-(K2 + K3 * la)))};
+  const float u = ls - logf(t2 + EPS);
+  const float la = u < -c ? -c : (u > c ? c : u);  // NaN stays NaN, as torch.clamp
+  return {u, la, expf(la), 1.f / (1.f + expf(-(K2 + K3 * la)))};
 }
 
 // Branch-free loops (the mask and the gradient are template switches) so that the compiler vectorizes them.
@@ -64,7 +71,7 @@ static float forward_chunk(const float* th, const float* ls, const float* m, flo
   for (int64_t i = i0; i < i1; ++i) {
     const float t2 = th[i] * th[i];
     const Stats q = stats(t2, ls[i], c);
-    const float kl = K1 - K1 * q.s + 0.5f * (std::log(1.f + q.a) - q.la);
+    const float kl = K1 - K1 * q.s + 0.5f * (logf(1.f + q.a) - q.la);
     v[i] = q.a * t2;
     l[i] = q.la;
     acc += MASKED ? kl * m[i] : kl;
@@ -166,7 +173,7 @@ def _load() -> Optional[Any]:
             from torch.utils.cpp_extension import load_inline
 
             _MODULE = load_inline(name=_NAME, cpp_sources=_SOURCE, functions=["vd_forward", "vd_backward"],
-                                  extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                                  extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, ...: the ATen formulas serve instead
             logger.warning("bayes_sparse: the C++ VD kernel could not be built (%s); using the ATen formulas", e)

@@ -84,11 +84,12 @@ def build(net_name: str, method: str, recipe: str, warmup: tuple[float, float]) 
 
 
 def units_kept(net_name: str, model: nn.Module) -> list[int]:
-    """The anchors' count: output channels kept for conv layers, inputs read for fc layers (on a plain model)."""
+    """The anchors' count: output channels kept for conv layers, inputs read for fc layers (eval-time weights)."""
     modules = dict(model.named_modules())
     kept = []
     for name, unit in zip(LAYERS[net_name], UNITS[net_name]):
-        w = modules[name].weight.detach()
+        layer = modules[name]
+        w = (layer.masked_weight() if isinstance(layer, bs.layers.SparseLayer) else layer.weight).detach()
         flat = w.flatten(1) if unit == "out" else w.transpose(0, 1).flatten(1)
         kept.append(int((flat != 0).any(1).sum()))
     return kept
@@ -115,10 +116,10 @@ def train(net_name: str, net: nn.Module, data: bs.data.MNIST, epochs: int, lr: f
             loss.backward()
             opt.step()
             bs.after_step(net, lr * factor, n)
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         net.eval()
         err = bs.error_rate(net, data.x_test, data.y_test)
-        row = {"epoch": epoch, "loss": total / n, "test_error": err, "units": units_kept(net_name, bs.to_dense(net))}
+        row = {"epoch": epoch, "loss": total / n, "test_error": err, "units": units_kept(net_name, net)}
         curve.append(row)
         log(f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, test error {100 * err:.2f}%, units {row['units']}")
     return curve

@@ -166,6 +166,21 @@ def test_cpp_vd_kernel_equals_the_float64_formulas(masked, with_g_var):
     torch.testing.assert_close(gs, ref_gs.float(), rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.skipif(not _fusedkernel.available(), reason="no C++ compiler: the ATen formulas serve")
+def test_cpp_vd_kernel_propagates_nan_and_inf_as_the_aten_formulas():
+    """A non-finite parameter must give a non-finite result (never a silently finite one), as ATen's does."""
+    theta = torch.randn(40, 30)
+    log_sigma2 = torch.full((40, 30), -6.0)
+    theta[0, 0] = float("nan")
+    log_sigma2[1, 1] = float("nan")
+    log_sigma2[2, 2] = float("inf")
+    fused = BF.vd_weight_stats(theta, log_sigma2)
+    aten = BF._VDWeightStats.apply(theta, log_sigma2, None, BF.LOG_ALPHA_CLIP)
+    for a, b in ((fused[0], aten[0]), (fused[2], aten[2])):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b))
+    assert torch.isnan(fused[1]) and torch.isnan(aten[1])
+
+
 def test_vd_weight_stats_takes_the_aten_formulas_where_the_kernel_does_not_apply(monkeypatch):
     """float64 (gradcheck), torch.compile tracing and a disabled kernel all take the ATen autograd function."""
     t = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
