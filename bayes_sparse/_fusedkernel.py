@@ -1,4 +1,4 @@
-"""A small C++ kernel for Sparse VD's per-weight maths on CPU, compiled on first use.
+"""A small C++ kernel for the per-weight maths of Sparse VD and L0 on CPU, compiled on first use.
 
 :func:`bayes_sparse.functional.vd_weight_stats` needs, per weight, ``log alpha``, ``alpha theta^2`` and the KL
 term, and in the backward pass their derivatives. Written with ATen operations that is about fifteen
@@ -8,6 +8,10 @@ needs from ``theta`` and ``log sigma^2`` (so nothing per weight is kept between 
 C++ that the compiler vectorizes, ``exp``/``log`` included (glibc's vector maths, declared SIMD-callable;
 no ``-ffast-math``, so NaN and inf propagate as in the ATen formulas), and rows are split across threads.
 
+L0's hard-concrete gates take the same route: one pass draws the uniform noise (a counter-based hash of a seed
+taken from torch's generator, so ``torch.manual_seed`` still fixes it, and the backward recomputes it rather
+than keeping it), forms the gates and sums the expected L0; one pass computes the gradient.
+
 The kernel is float32-only and CPU-only, and only used outside ``torch.compile`` tracing; everything else
 (float64 for ``gradcheck``, CUDA, compiled graphs, machines without a compiler, ``BAYES_SPARSE_NO_CPP=1``)
 takes the ATen formulas, which are the reference the tests hold the kernel to. The extension is built under
@@ -16,16 +20,17 @@ a name derived from a hash of its source, so a changed source is never served fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "vd_backward", "vd_forward"]
+__all__ = ["available", "disabled", "hc_backward", "hc_forward", "hc_uniform", "new_seed", "usable", "vd_backward", "vd_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +154,118 @@ std::vector<torch::Tensor> vd_backward(torch::Tensor theta, torch::Tensor log_si
   });
   return {g_theta, g_ls};
 }
+
+// ----- hard-concrete gates (L0) ---------------------------------------------------------------------------
+// Uniform noise from a counter-based hash of (seed, index): two rounds of murmur3's 32-bit finalizer, the top
+// 24 bits centred in (0, 1). Reproducible from the seed alone, so the backward pass recomputes it instead of
+// keeping it, and the loop vectorizes (torch's generator fills a tensor one number at a time).
+static inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16;
+  return h;
+}
+static inline float uniform(uint32_t s0, uint32_t s1, int64_t i) {
+  const uint32_t lo = static_cast<uint32_t>(i), hi = static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32);
+  const uint32_t h = fmix32(fmix32(lo * 0x9e3779b9u + s0) ^ (s1 + hi * 0x7f4a7c15u));
+  const float u = (static_cast<float>(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return u < 1e-6f ? 1e-6f : (u > 1.f - 1e-6f ? 1.f - 1e-6f : u);
+}
+
+struct HC { float beta, gamma, zeta, shift; };
+
+template <bool MASKED>
+static float hc_forward_chunk(const float* la, const float* m, float* gates, uint32_t s0, uint32_t s1, HC k,
+                              int64_t i0, int64_t i1) {
+  float acc = 0.f;
+  #pragma omp simd reduction(+:acc)
+  for (int64_t i = i0; i < i1; ++i) {
+    const float u = uniform(s0, s1, i);
+    const float s = 1.f / (1.f + expf(-(logf(u) - logf(1.f - u) + la[i]) / k.beta));
+    const float st = s * (k.zeta - k.gamma) + k.gamma;
+    gates[i] = st < 0.f ? 0.f : (st > 1.f ? 1.f : st);
+    const float p = 1.f / (1.f + expf(-(la[i] - k.shift)));
+    acc += MASKED ? p * m[i] : p;
+  }
+  return acc;
+}
+
+template <bool MASKED, bool HAS_GG>
+static void hc_backward_chunk(const float* la, const float* m, const float* gg, float* grad, uint32_t s0,
+                              uint32_t s1, HC k, float gl0, int64_t i0, int64_t i1) {
+  #pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    float g = 0.f;
+    if (HAS_GG) {
+      const float u = uniform(s0, s1, i);
+      const float s = 1.f / (1.f + expf(-(logf(u) - logf(1.f - u) + la[i]) / k.beta));
+      const float st = s * (k.zeta - k.gamma) + k.gamma;
+      g = (st > 0.f && st < 1.f) ? gg[i] * (k.zeta - k.gamma) / k.beta * s * (1.f - s) : 0.f;
+    }
+    const float p = 1.f / (1.f + expf(-(la[i] - k.shift)));
+    grad[i] = g + gl0 * (MASKED ? m[i] : 1.f) * p * (1.f - p);
+  }
+}
+
+// Returns (gates, expected L0 summed over the mask as a 0-d tensor).
+std::vector<torch::Tensor> hc_forward(torch::Tensor log_alpha, torch::Tensor mask, int64_t seed, double beta,
+                                      double gamma, double zeta) {
+  check(log_alpha, log_alpha, "log_alpha");
+  const bool masked = mask.numel() > 0;
+  if (masked) check(mask, log_alpha, "mask");
+  auto gates = torch::empty_like(log_alpha);
+  const float* la = log_alpha.data_ptr<float>();
+  const float* m = masked ? mask.data_ptr<float>() : nullptr;
+  float* g = gates.data_ptr<float>();
+  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  const HC k{static_cast<float>(beta), static_cast<float>(gamma), static_cast<float>(zeta),
+             static_cast<float>(beta * std::log(-gamma / zeta))};
+  const int64_t n = log_alpha.numel();
+  const int64_t chunks = (n + GRAIN - 1) / GRAIN;
+  std::vector<double> partial(chunks > 0 ? chunks : 1, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t i0 = ch * GRAIN, i1 = std::min(n, i0 + GRAIN);
+      partial[ch] = masked ? hc_forward_chunk<true>(la, m, g, s0, s1, k, i0, i1)
+                           : hc_forward_chunk<false>(la, m, g, s0, s1, k, i0, i1);
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return {gates, torch::tensor(static_cast<float>(total))};
+}
+
+// Gradient w.r.t. log alpha of <g_gates, gates> + g_l0 * L0; g_gates may be empty (no gradient).
+torch::Tensor hc_backward(torch::Tensor log_alpha, torch::Tensor mask, torch::Tensor g_gates, double g_l0,
+                          int64_t seed, double beta, double gamma, double zeta) {
+  check(log_alpha, log_alpha, "log_alpha");
+  const bool masked = mask.numel() > 0, has_gg = g_gates.numel() > 0;
+  if (masked) check(mask, log_alpha, "mask");
+  if (has_gg) check(g_gates, log_alpha, "g_gates");
+  auto grad = torch::empty_like(log_alpha);
+  const float* la = log_alpha.data_ptr<float>();
+  const float* m = masked ? mask.data_ptr<float>() : nullptr;
+  const float* gg = has_gg ? g_gates.data_ptr<float>() : nullptr;
+  float* out = grad.data_ptr<float>();
+  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  const HC k{static_cast<float>(beta), static_cast<float>(gamma), static_cast<float>(zeta),
+             static_cast<float>(beta * std::log(-gamma / zeta))};
+  const float gl = static_cast<float>(g_l0);
+  at::parallel_for(0, log_alpha.numel(), GRAIN, [&](int64_t i0, int64_t i1) {
+    if (masked && has_gg) hc_backward_chunk<true, true>(la, m, gg, out, s0, s1, k, gl, i0, i1);
+    else if (masked) hc_backward_chunk<true, false>(la, m, gg, out, s0, s1, k, gl, i0, i1);
+    else if (has_gg) hc_backward_chunk<false, true>(la, m, gg, out, s0, s1, k, gl, i0, i1);
+    else hc_backward_chunk<false, false>(la, m, gg, out, s0, s1, k, gl, i0, i1);
+  });
+  return grad;
+}
+
+// The uniform noise hc_forward draws for this seed (for tests: the ATen formulas on the same noise).
+torch::Tensor hc_uniform(int64_t n, int64_t seed) {
+  auto u = torch::empty({n}, torch::kFloat32);
+  float* p = u.data_ptr<float>();
+  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  for (int64_t i = 0; i < n; ++i) p[i] = uniform(s0, s1, i);
+  return u;
+}
 """
 
 #: The extension's name: a hash of its source, so that a changed source is built afresh.
@@ -172,7 +289,7 @@ def _load() -> Optional[Any]:
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _MODULE = load_inline(name=_NAME, cpp_sources=_SOURCE, functions=["vd_forward", "vd_backward"],
+            _MODULE = load_inline(name=_NAME, cpp_sources=_SOURCE, functions=["vd_forward", "vd_backward", "hc_forward", "hc_backward", "hc_uniform"],
                                   extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, ...: the ATen formulas serve instead
@@ -186,9 +303,29 @@ def available() -> bool:
     return _load() is not None
 
 
+_DISABLED = threading.local()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block (this thread) the ATen formulas serve, as under ``torch.compile``.
+
+    Eager L0 on the CPU draws its noise from the kernel's hash and a compiled graph from ``torch.rand_like``:
+    the same distribution but other numbers for the same seed. To compare the two step for step, run the
+    eager side inside ``disabled()``.
+    """
+    previous = getattr(_DISABLED, "value", False)
+    _DISABLED.value = True
+    try:
+        yield
+    finally:
+        _DISABLED.value = previous
+
+
 def usable(*tensors: Optional[Tensor]) -> bool:
-    """Whether the kernel takes these tensors: CPU float32, not under ``torch.compile`` tracing, kernel built."""
-    if torch.compiler.is_compiling():
+    """Whether the kernel takes these tensors: CPU float32, not under ``torch.compile`` tracing or
+    :func:`disabled`, kernel built."""
+    if torch.compiler.is_compiling() or getattr(_DISABLED, "value", False):
         return False
     for t in tensors:
         if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
@@ -218,3 +355,37 @@ def vd_backward(theta: Tensor, log_sigma2: Tensor, mask: Optional[Tensor], g_var
     g_theta, g_ls = mod.vd_backward(_flat(theta), _flat(log_sigma2), _flat(mask), _flat(g_var), float(g_kl),
                                     float(clip))
     return g_theta.view_as(theta), g_ls.view_as(theta)
+
+
+def new_seed() -> int:
+    """A 63-bit seed drawn from torch's default generator (so ``torch.manual_seed`` makes the noise reproducible)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64))
+
+
+def hc_forward(log_alpha: Tensor, mask: Optional[Tensor], seed: int, beta: float, gamma: float,
+               zeta: float) -> tuple[Tensor, Tensor]:
+    """``(gates, expected L0 summed over mask)`` with the uniform noise of ``seed``; no autograd."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError("the C++ kernel is unavailable on this machine")
+    gates, l0 = mod.hc_forward(_flat(log_alpha), _flat(mask), int(seed), float(beta), float(gamma), float(zeta))
+    return gates.view_as(log_alpha), l0
+
+
+def hc_backward(log_alpha: Tensor, mask: Optional[Tensor], g_gates: Optional[Tensor], g_l0: float, seed: int,
+                beta: float, gamma: float, zeta: float) -> Tensor:
+    """Gradient w.r.t. ``log_alpha`` of ``<g_gates, gates> + g_l0 * L0`` (the noise recomputed from ``seed``)."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError("the C++ kernel is unavailable on this machine")
+    grad = mod.hc_backward(_flat(log_alpha), _flat(mask), _flat(g_gates), float(g_l0), int(seed), float(beta),
+                           float(gamma), float(zeta))
+    return grad.view_as(log_alpha)
+
+
+def hc_uniform(shape: torch.Size, seed: int) -> Tensor:
+    """The uniform noise :func:`hc_forward` uses for ``seed`` (clamped to [1e-6, 1 - 1e-6]), shaped ``shape``."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError("the C++ kernel is unavailable on this machine")
+    return mod.hc_uniform(int(torch.Size(shape).numel()), int(seed)).view(shape)

@@ -404,14 +404,37 @@ def hard_concrete_gates(log_alpha: Tensor, mask: Optional[Tensor] = None, u: Opt
     Args:
         log_alpha: Gate locations.
         mask: Optional mask of the gates whose L0 counts.
-        u: Uniform(0, 1) noise shaped like ``log_alpha``; drawn with ``torch.rand_like`` when omitted.
+        u: Uniform(0, 1) noise shaped like ``log_alpha``. When omitted it is drawn: on the CPU in float32 by the C++
+            kernel (:mod:`bayes_sparse._fusedkernel`, a hash of a seed taken from torch's generator, so
+            ``torch.manual_seed`` fixes it; one pass each way), elsewhere with ``torch.rand_like``.
         beta, gamma, zeta: Temperature and stretch interval.
 
     Returns:
         ``(gates, expected L0)``.
     """
-    if u is None:
-        u = torch.rand_like(log_alpha)
     if mask is not None:
         mask = mask.to(log_alpha.dtype)
+    if u is None:
+        if _fusedkernel.usable(log_alpha):
+            return _HardConcreteGatesCPU.apply(log_alpha, mask, _fusedkernel.new_seed(), beta, gamma, zeta)
+        u = torch.rand_like(log_alpha)
     return _HardConcreteGates.apply(log_alpha, u, mask, beta, gamma, zeta)
+
+
+class _HardConcreteGatesCPU(torch.autograd.Function):
+    """:class:`_HardConcreteGates` through the C++ kernel: the noise comes from a seed (:mod:`bayes_sparse._fusedkernel`)."""
+
+    @staticmethod
+    def forward(ctx, log_alpha: Tensor, mask: Optional[Tensor], seed: int, beta: float, gamma: float, zeta: float):
+        gates, l0 = _fusedkernel.hc_forward(log_alpha, mask, seed, beta, gamma, zeta)
+        ctx.save_for_backward(log_alpha, mask)
+        ctx.constants = (seed, beta, gamma, zeta)
+        return gates, l0
+
+    @staticmethod
+    def backward(ctx, g_gates: Optional[Tensor], g_l0: Optional[Tensor]):
+        log_alpha, mask = ctx.saved_tensors
+        seed, beta, gamma, zeta = ctx.constants
+        g_l0_value = 0.0 if g_l0 is None else float(g_l0)
+        grad = _fusedkernel.hc_backward(log_alpha, mask, g_gates, g_l0_value, seed, beta, gamma, zeta)
+        return grad, None, None, None, None, None

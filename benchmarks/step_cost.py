@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS / "step_cost.json")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
+    # one compiled loss per (method, net, threads) from the same lambda: room for all of them in dynamo's cache
+    torch._dynamo.config.recompile_limit = 256
     results = []
     for net_name in args.nets:
         for threads in args.threads:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bayes_sparse as bs
+from bayes_sparse import _fusedkernel
 
 METHODS = ["vd", "l0", "ltp", "l1", "magnitude"]
 N = 256
@@ -100,7 +101,8 @@ def test_compiled_model_matches_eager_on_the_device(method, device):
     net.train()
     compiled.train()
     torch.manual_seed(3)
-    eager_out = net(x[:8])
+    with _fusedkernel.disabled():  # compiled graphs draw L0's noise with rand_like, not the C++ kernel's hash
+        eager_out = net(x[:8])
     torch.manual_seed(3)
     compiled_out = compiled(x[:8])
     torch.testing.assert_close(compiled_out, eager_out)

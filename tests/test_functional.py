@@ -181,6 +181,53 @@ def test_cpp_vd_kernel_propagates_nan_and_inf_as_the_aten_formulas():
     assert torch.isnan(fused[1]) and torch.isnan(aten[1])
 
 
+@pytest.mark.skipif(not _fusedkernel.available(), reason="no C++ compiler: the ATen formulas serve")
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_g_gates", [True, False])
+def test_cpp_hard_concrete_kernel_equals_the_float64_formulas_on_its_noise(masked, with_g_gates):
+    """The C++ gates against the composed ATen formulas in float64 fed the same noise (``hc_uniform``)."""
+    torch.manual_seed(2)
+    log_alpha = torch.randn(301, 67) * 3
+    mask = (torch.rand(301, 67) > 0.4).float() if masked else None
+    g_gates = torch.randn(301, 67) if with_g_gates else None
+    la = log_alpha.clone().requires_grad_()
+    torch.manual_seed(5)
+    gates, l0 = BF.hard_concrete_gates(la, mask)
+    assert type(gates.grad_fn).__name__.startswith("_HardConcreteGatesCPU")
+    torch.manual_seed(5)
+    u = _fusedkernel.hc_uniform(log_alpha.shape, _fusedkernel.new_seed())
+    ref_la = log_alpha.double().requires_grad_()
+    ref_gates = BF.hard_concrete_sample(ref_la, u.double())
+    p = BF.hard_concrete_prob_nonzero(ref_la)
+    ref_l0 = (p * mask.double()).sum() if masked else p.sum()
+    torch.testing.assert_close(gates, ref_gates.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l0.double(), ref_l0, rtol=1e-5, atol=0.0)
+    loss = l0 * 0.3 + ((gates * g_gates).sum() if with_g_gates else 0.0)
+    ref_loss = ref_l0 * 0.3 + ((ref_gates * g_gates.double()).sum() if with_g_gates else 0.0)
+    (grad,) = torch.autograd.grad(loss, la)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_la)
+    torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not _fusedkernel.available(), reason="no C++ compiler: the ATen formulas serve")
+def test_cpp_hard_concrete_noise_is_uniform_reproducible_and_seed_dependent():
+    """Moments and a Kolmogorov-Smirnov bound of the hashed noise, the same noise for the same torch seed,
+    different noise for the next draw."""
+    u = _fusedkernel.hc_uniform(torch.Size([200_000]), 12345).double()
+    assert abs(float(u.mean()) - 0.5) < 3e-3 and abs(float(u.var()) - 1 / 12) < 1e-3
+    sorted_u, _ = torch.sort(u)
+    ks = float((sorted_u - torch.arange(1, u.numel() + 1, dtype=torch.float64) / u.numel()).abs().max())
+    assert ks < 1.63 / u.numel() ** 0.5  # the 1% critical value
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.01  # neighbours uncorrelated
+    la = torch.zeros(50, 40)
+    torch.manual_seed(9)
+    a = BF.hard_concrete_gates(la)[0]
+    torch.manual_seed(9)
+    b = BF.hard_concrete_gates(la)[0]
+    c = BF.hard_concrete_gates(la)[0]
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
 def test_vd_weight_stats_takes_the_aten_formulas_where_the_kernel_does_not_apply(monkeypatch):
     """float64 (gradcheck), torch.compile tracing and a disabled kernel all take the ATen autograd function."""
     t = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
