@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -114,6 +114,15 @@ def _zero_rows(m: nn.Module) -> Tensor:
     return zero & (m.bias.detach() == 0) if m.bias is not None else zero
 
 
+def _zero_columns(m: nn.Module) -> Optional[Tensor]:
+    """Input features/channels a Linear/Conv ignores (all its weights reading them are 0); ``None`` for a
+    grouped or depthwise convolution, whose outputs depend on their own inputs only."""
+    w = m.weight.detach()
+    if isinstance(m, _CONV) and m.groups != 1:
+        return None
+    return (w.transpose(0, 1).reshape(w.shape[1], -1) == 0).all(dim=1)
+
+
 def _bn_zero(m: nn.Module) -> Tensor:
     """BatchNorm channels that output 0 whatever their input (affine weight and bias both 0)."""
     if not m.affine:
@@ -128,9 +137,12 @@ def _removable(group: Any, tp: Any, zero_in: dict[nn.Module, Tensor], names: dic
     A channel may go when (1) every layer of the group that reads it (a Linear/Conv input, a depthwise
     convolution) saw exactly 0 there on every probe, and (2) some member makes it identically 0 whatever
     the input: a Linear/Conv row with zero weights and bias, or a BatchNorm channel with zero weight and
-    bias. Channels reaching the model's output are kept.
+    bias; or when every reader is a Linear/ungrouped Conv whose weights for the channel are all 0 (the
+    channel is computed but never looked at: input gates, ``unit="in"``, prune such channels). Channels
+    reaching the model's output are kept.
     """
     readers: list[tuple[Tensor, list[int]]] = []
+    ignored = torch.ones(n_root, dtype=torch.bool)  # every reader's weights for the channel are 0
     zero_source = torch.zeros(n_root, dtype=torch.bool)
     unsupported = []
     for item in group:
@@ -148,6 +160,10 @@ def _removable(group: Any, tp: Any, zero_in: dict[nn.Module, Tensor], names: dic
                 if z is None:  # never called on the probes
                     return []
                 readers.append((z, [(i, r) for i, r in zip(idxs, roots)]))
+                zc = _zero_columns(m)
+                for i, r in zip(idxs, roots):
+                    if zc is None or not zc[i]:
+                        ignored[r] = False
             if not reads or _is_depthwise(m):
                 zr = _zero_rows(m)
                 for i, r in zip(idxs, roots):
@@ -168,6 +184,7 @@ def _removable(group: Any, tp: Any, zero_in: dict[nn.Module, Tensor], names: dic
         for i, r in pairs:
             if not z[i]:
                 ok[r] = False
+    ok |= ignored  # a channel no reader looks at can go, whatever its producers write into it
     idxs = [r for r in range(n_root) if ok[r]]
     if idxs and unsupported:
         m = unsupported[0]

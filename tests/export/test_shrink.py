@@ -176,3 +176,49 @@ def test_a_group_touching_a_norm_it_cannot_follow_raises():
 def test_sparse_model_without_fixed_masks_is_refused():
     with pytest.raises(RuntimeError, match="call bayes_sparse.threshold_"):
         bs.export.shrink(bs.sparsify(nn.Sequential(nn.Linear(3, 2)), "group_l0"), torch.randn(1, 3))
+
+
+def test_channels_no_reader_looks_at_go_whatever_their_producers_write():
+    """Input gates (``unit="in"``) zero the next layer's columns, not the producer's rows: those units are
+    computed but never read, so they go too (LeNet-300's 266-88-33 are such counts)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    with torch.no_grad():
+        net[2].weight[:, [0, 3]] = 0  # hidden units 0 and 3 of the first layer are never read
+        net[4].weight[:, 1] = 0
+    x = torch.randn(4, 6)
+    small = bs.export.shrink(net, x)
+    _check_same(net, small, x)
+    assert (small[0].out_features, small[2].in_features, small[2].out_features, small[4].in_features) == (6, 6, 4, 4)
+    assert _nparams(small) == 6 * 6 + 6 + 4 * 6 + 4 + 3 * 4 + 3
+    lenet = _lenet5().eval()
+    with torch.no_grad():
+        lenet[8].weight.view(500, 50, 16)[:, [2, 11]] = 0  # every fc1 input of conv2 channels 2 and 11
+        lenet[8].weight.view(500, 50, 16)[:, 5, :8] = 0  # half of channel 5's: still read, kept
+    x = torch.randn(2, 784)
+    small = bs.export.shrink(lenet, x)
+    _check_same(lenet, small, x)
+    assert (small[4].out_channels, small[8].in_features) == (48, 48 * 16)
+
+
+def test_a_channel_ignored_by_one_reader_but_read_by_another_is_kept():
+    torch.manual_seed(0)
+
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h) + self.c(h)
+
+    net = TwoReaders().eval()
+    with torch.no_grad():
+        net.b.weight[:, 2] = 0  # b ignores unit 2, c still reads it
+        net.b.weight[:, 4] = 0
+        net.c.weight[:, 4] = 0  # nobody reads unit 4
+    x = torch.randn(3, 4)
+    small = bs.export.shrink(net, x)
+    _check_same(net, small, x)
+    assert small.a.out_features == 4 and small.b.in_features == 4 and small.c.in_features == 4
