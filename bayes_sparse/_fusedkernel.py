@@ -21,18 +21,16 @@ a name derived from a hash of its source, so a changed source is never served fr
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import logging
-import os
 import threading
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
+from ._cppext import Extension
+
 __all__ = ["available", "disabled", "hc_backward", "hc_forward", "hc_uniform", "new_seed", "usable", "vd_backward", "vd_forward"]
 
-logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -268,34 +266,10 @@ torch::Tensor hc_uniform(int64_t n, int64_t seed) {
 }
 """
 
-#: The extension's name: a hash of its source, so that a changed source is built afresh.
-_NAME = "bayes_sparse_vd_" + hashlib.sha1(_SOURCE.encode()).hexdigest()[:12]
-
-_MODULE: Optional[Any] = None
-_FAILED = False
-_LOCK = threading.Lock()
-
-
-def _load() -> Optional[Any]:
-    global _MODULE, _FAILED
-    if _MODULE is not None or _FAILED:
-        return _MODULE
-    with _LOCK:
-        if _MODULE is not None or _FAILED:
-            return _MODULE
-        if os.environ.get("BAYES_SPARSE_NO_CPP") == "1":
-            _FAILED = True
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            _MODULE = load_inline(name=_NAME, cpp_sources=_SOURCE, functions=["vd_forward", "vd_backward", "hc_forward", "hc_backward", "hc_uniform"],
-                                  extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # no compiler, no ninja, ...: the ATen formulas serve instead
-            logger.warning("bayes_sparse: the C++ VD kernel could not be built (%s); using the ATen formulas", e)
-            _FAILED = True
-    return _MODULE
+_EXTENSION = Extension("bayes_sparse_vd_", _SOURCE,
+                       ["vd_forward", "vd_backward", "hc_forward", "hc_backward", "hc_uniform"],
+                       ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"], "using the ATen formulas")
+_load = _EXTENSION.load
 
 
 def available() -> bool:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import bayes_sparse as bs
+from bayes_sparse.bench.nets import lenet5, lenet300
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,17 +54,6 @@ DEFAULTS = {
 #: Fractions of the epochs over which every method's regularizer ramps in (the official SparseVD recipe:
 #: epochs 5 to 20 of 200).
 WARMUP = (0.025, 0.1)
-
-
-def lenet300() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
-
-
-def lenet5() -> nn.Sequential:
-    """LeNet-5-Caffe: conv20(5x5)-pool-conv50(5x5)-pool-fc500-fc10."""
-    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 500),
-                         nn.ReLU(), nn.Linear(500, 10))
 
 
 NETS = {"lenet300": lenet300, "lenet5": lenet5}

@@ -14,16 +14,14 @@ each version of the source gets its own build (never a stale cached one).
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from .._cppext import Extension
+
 __all__ = ["available", "check_csr", "spmm", "spmm_t"]
 
-logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -118,30 +116,9 @@ torch::Tensor spmm_t(torch::Tensor rowptr, torch::Tensor col, torch::Tensor val,
 }
 """
 
-#: The extension's name: a hash of its source, so that a changed source is built afresh.
-_NAME = "bayes_sparse_csr_" + hashlib.sha1(_SOURCE.encode()).hexdigest()[:12]
-
-_MODULE: Optional[Any] = None
-_FAILED = False
-
-
-def _load() -> Optional[Any]:
-    global _MODULE, _FAILED
-    if _MODULE is not None or _FAILED:
-        return _MODULE
-    if os.environ.get("BAYES_SPARSE_NO_CPP") == "1":
-        _FAILED = True
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        _MODULE = load_inline(name=_NAME, cpp_sources=_SOURCE, functions=["spmm_t"],
-                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                              verbose=False)
-    except Exception as e:  # no compiler, no ninja, ...: the kernel is optional
-        logger.warning("bayes_sparse: the C++ CSR kernel could not be built (%s); fast_csr is unavailable", e)
-        _FAILED = True
-    return _MODULE
+_EXTENSION = Extension("bayes_sparse_csr_", _SOURCE, ["spmm_t"], ["-O3", "-march=native", "-fopenmp"],
+                       "fast_csr is unavailable")
+_load = _EXTENSION.load
 
 
 def available() -> bool:
