@@ -5,8 +5,8 @@ one process per run, results appended to ``results.jsonl``; ``bayes-sparse repor
 seeds (:mod:`.aggregate`) and writes ``summary.md`` and plots (:mod:`.plots`).
 """
 
-from .config import Config, MethodGrid, Recipe, Run, load_config, parse_config
+from .config import Config, MethodGrid, Recipe, Run, Training, load_config, parse_config
 from .runner import BenchResult, ResultsFile, run_bench
 
-__all__ = ["BenchResult", "Config", "MethodGrid", "Recipe", "ResultsFile", "Run", "load_config", "parse_config",
-           "run_bench"]
+__all__ = ["BenchResult", "Config", "MethodGrid", "Recipe", "ResultsFile", "Run", "Training", "load_config",
+           "parse_config", "run_bench"]
