@@ -29,13 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("config", type=Path, help="TOML config (see benchmarks/configs/)")
     b.add_argument("--jobs", "-j", type=int, default=1,
                    help="trainings in parallel (each on one torch thread when > 1)")
-    b.add_argument("--resume", action="store_true", help="run only the runs missing from OUT/results.jsonl")
+    b.add_argument("--resume", action="store_true",
+                   help="run only the runs missing from OUT/results.jsonl (a training with some of its values "
+                        "missing is redone for those only)")
     b.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<config name>)")
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--only", type=_names, default=None, metavar="METHOD[,METHOD]",
                    help="run only these methods of the config (the config and its hash are unchanged: run the "
-                        "parts of a sweep one after another into the same --out, with --resume)")
+                        "parts of a sweep one after another into the same --out; --resume only to continue a part)")
     b.add_argument("--seeds", type=_ints, default=None, metavar="SEED[,SEED]",
                    help="run only these seeds of the config (same rules as --only)")
     r = sub.add_parser("report", help="aggregate a results.jsonl: summary.md, summary.json, PNG plots")
