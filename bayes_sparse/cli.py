@@ -25,19 +25,41 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bayes-sparse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="run a benchmark config (one process per run)")
+    b = sub.add_parser("bench", help="run a benchmark config (one process per training)")
     b.add_argument("config", type=Path, help="TOML config (see benchmarks/configs/)")
-    b.add_argument("--jobs", "-j", type=int, default=1, help="runs in parallel (each on one torch thread when > 1)")
-    b.add_argument("--resume", action="store_true", help="run only the runs missing from OUT/results.jsonl")
+    b.add_argument("--jobs", "-j", type=int, default=1,
+                   help="trainings in parallel (each on one torch thread when > 1)")
+    b.add_argument("--resume", action="store_true",
+                   help="run only the runs missing from OUT/results.jsonl (a training with some of its values "
+                        "missing is redone for those only)")
     b.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<config name>)")
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--only", type=_names, default=None, metavar="METHOD[,METHOD]",
+                   help="run only these methods of the config (the config and its hash are unchanged: run the "
+                        "parts of a sweep one after another into the same --out; --resume only to continue a part)")
+    b.add_argument("--seeds", type=_ints, default=None, metavar="SEED[,SEED]",
+                   help="run only these seeds of the config (same rules as --only)")
     r = sub.add_parser("report", help="aggregate a results.jsonl: summary.md, summary.json, PNG plots")
     r.add_argument("results", type=Path)
     r.add_argument("--out", type=Path, default=None, help="output folder (default: beside the results)")
     i = sub.add_parser("inspect", help="per-tensor table of a file written by bayes_sparse.export.save")
     i.add_argument("model", type=Path)
     return p
+
+
+def _names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -47,8 +69,9 @@ def _bench(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / config.name
     start = time.perf_counter()
     result = run_bench(config, out, jobs=args.jobs, resume=args.resume, device=args.device,
-                       progress=not args.no_progress)
-    print(f"{len(result.ran)} run(s) done, {len(result.skipped)} already in {result.results} "
+                       progress=not args.no_progress, only=args.only, seeds=args.seeds)
+    print(f"{len(result.ran)} run(s) done ({len(result.trainings)} training(s)), {len(result.skipped)} already in "
+          f"{result.results} "
           f"({time.perf_counter() - start:.0f} s); next: bayes-sparse report {result.results}")
     return 0
 

@@ -30,6 +30,12 @@ A config is a TOML file::
 
 Every name and value is checked when the config is read (the methods' own option checks included), so a
 sweep never dies hours in on a typo.
+
+Runs and trainings: a run (:class:`Run`, one result record) is a point of the grid, (net, method, strength
+value, seed). A training (:class:`Training`, one process) produces one or more runs: a strength that is a
+method option is set before training, so each value is its own training; a post-hoc strength
+(``"threshold"``, ``"sparsity"``) only acts after training, so one training per (net, method, seed) serves
+every value (it is deep-copied, thresholded, fine-tuned if the recipe says so, and measured once per value).
 """
 
 from __future__ import annotations
@@ -41,15 +47,15 @@ import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 from ..convert import method_class, methods
 from .nets import NETS
 
-__all__ = ["LR_SCHEDULES", "STRENGTH_KINDS", "Config", "MethodGrid", "Recipe", "Run", "load_config"]
+__all__ = ["LR_SCHEDULES", "STRENGTH_KINDS", "Config", "MethodGrid", "Recipe", "Run", "Training", "load_config"]
 
 LR_SCHEDULES = ("flat_then_linear", "constant")
-#: Strengths that are not method options.
+#: Strengths that are not method options: applied after training (post hoc), so one training serves all values.
 STRENGTH_KINDS = ("sparsity", "threshold")
 
 
@@ -97,6 +103,48 @@ class Run:
 
 
 @dataclass(frozen=True)
+class Training:
+    """One training (one process) and the runs it produces: every value of a post-hoc strength
+    (``"threshold"``, ``"sparsity"``), or the one value of a strength that is a method option."""
+
+    net: str
+    method: str
+    strength: str
+    values: tuple[float, ...]
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("a training needs at least one strength value")
+        if not self.post_hoc and len(self.values) != 1:
+            raise ValueError(f"strength {self.strength!r} is set before training: one value per training, "
+                             f"got {self.values}")
+
+    @property
+    def post_hoc(self) -> bool:
+        """Whether the strength acts after training (one training serves every value)."""
+        return self.strength in STRENGTH_KINDS
+
+    @property
+    def key(self) -> str:
+        """``net/method/strength=*/seed=S`` for a shared (post-hoc) training, else its one run's key."""
+        if self.post_hoc:
+            return f"{self.net}/{self.method}/{self.strength}=*/seed={self.seed}"
+        return self.runs()[0].key
+
+    def runs(self) -> list[Run]:
+        """The runs of this training, in the order of its values."""
+        return [Run(self.net, self.method, self.strength, v, self.seed) for v in self.values]
+
+    def only(self, values: tuple[float, ...]) -> "Training":
+        """The same training, producing only ``values`` (a subset of its own, in its order)."""
+        keep = tuple(v for v in self.values if v in set(values))
+        if set(keep) != set(values):
+            raise ValueError(f"values {sorted(set(values) - set(keep))} are not values of training {self.key}")
+        return Training(self.net, self.method, self.strength, keep, self.seed)
+
+
+@dataclass(frozen=True)
 class Config:
     """A parsed, checked config."""
 
@@ -122,12 +170,43 @@ class Config:
         return [Run(net, m.method, m.strength, v, seed) for net in self.nets for m in self.methods.values()
                 for v in m.values for seed in self.seeds]
 
-    def method_options(self, run: Run) -> dict[str, Any]:
+    def trainings(self, only: Optional[Sequence[str]] = None,
+                  seeds: Optional[Sequence[int]] = None) -> list[Training]:
+        """Every training of the grid, in a fixed order (net, method, strength value, seed; a post-hoc strength's
+        values share one training per seed), optionally only those of the methods ``only`` and the ``seeds``.
+
+        The selection does not change the config (nor its hash): parts of a sweep selected this way can be
+        run one after another into the same results file.
+
+        Raises:
+            ValueError: a method or seed that the config does not have.
+        """
+        for name in only or ():
+            if name not in self.methods:
+                raise ValueError(f"method {name!r} is not in config {self.name!r}; its methods: "
+                                 f"{', '.join(self.methods)}")
+        for seed in seeds or ():
+            if seed not in self.seeds:
+                raise ValueError(f"seed {seed!r} is not in config {self.name!r}; its seeds: "
+                                 f"{', '.join(map(str, self.seeds))}")
+        out = []
+        for net in self.nets:
+            for m in self.methods.values():
+                if only and m.method not in only:
+                    continue
+                picked = [s for s in self.seeds if not seeds or s in seeds]
+                if m.strength in STRENGTH_KINDS:
+                    out += [Training(net, m.method, m.strength, m.values, s) for s in picked]
+                else:
+                    out += [Training(net, m.method, m.strength, (v,), s) for v in m.values for s in picked]
+        return out
+
+    def method_options(self, run: Union[Run, Training]) -> dict[str, Any]:
         """The method options of ``run``: the fixed ones, the recipe's warm-up, and the strength if it is an option."""
         grid = self.methods[run.method]
         options = {"warmup": self.recipe.warmup, **copy.deepcopy(grid.options)}
         if grid.strength not in STRENGTH_KINDS:
-            options[grid.strength] = run.value
+            options[grid.strength] = run.value if isinstance(run, Run) else run.values[0]
         return options
 
 

@@ -1,15 +1,28 @@
-"""Run a benchmark config: one process per run, up to ``jobs`` at a time, each finished run appended to a JSONL file.
+"""Run a benchmark config: one process per training, up to ``jobs`` at a time, each finished run appended to a JSONL file.
 
-The results file (``results.jsonl``) holds one JSON object per finished run, each carrying the config's hash
-and the run's key. A run is appended by the parent process as soon as its process returns, in one write
-followed by ``fsync``, so a kill loses at most the runs still training. ``resume=True`` runs only the keys
-missing from the file. A last line that does not parse (the process was killed while writing it) is ignored
-with a warning and cut off before the next append; the lines before it are never touched. A file written
-for another config (another hash) is refused.
+A training (:class:`~bayes_sparse.bench.config.Training`) is one model trained with the recipe; it yields one
+run per strength value. A strength that is a method option (``penalty``, ``target_sparsity``...) is set
+before training, so each value is its own training. A post-hoc strength (``"threshold"``, ``"sparsity"``)
+only acts after training, so one training per (net, method, seed) serves all its values: for each value the
+trained model is deep-copied, thresholded, fine-tuned if the recipe says so, exported, measured and saved,
+each starting from the random state right after training (its record does not depend on the other values).
+
+The results file (``results.jsonl``) holds one JSON object per finished run, each carrying the config's hash,
+the run's key and the key of the training that produced it (``"training"``; its ``train_seconds`` is the
+shared training's). The runs of a training are appended by the parent process as soon as its process returns,
+each in one write followed by ``fsync``, so a kill loses at most the runs of the trainings still going.
+``resume=True`` runs only the keys missing from the file: a training all of whose runs are in the file is
+skipped; one with some of its values missing is trained again (same seed, same recipe) for those values only.
+A last line that does not parse (the process was killed while writing it) is ignored with a warning and cut
+off before the next append; the lines before it are never touched. A file written for another config (another
+hash) is refused. ``only``/``seeds`` select methods and seeds without changing the config or its hash, so a
+sweep can be run in parts, one after another, into the same file; a lock file refuses a second sweep writing
+to the same folder at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -20,11 +33,12 @@ import platform
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import pyro
+import pyro.util
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -35,7 +49,7 @@ from ..infer import SVIModel, error_rate, fit_svi, flat_then_linear_decay
 from ..layers.base import sparse_layers
 from ..report import report
 from ..threshold import threshold_
-from .config import Config, Run
+from .config import Config, Run, Training
 from .metrics import latency, log_alpha_histogram, macs, units_kept
 from .nets import NETS, load_data
 
@@ -132,14 +146,16 @@ def _finite(x: Optional[float]) -> Optional[float]:
 
 @dataclass(frozen=True)
 class BenchResult:
-    """What :func:`run_bench` did: the keys it ran, the keys it skipped (already in the file), the file."""
+    """What :func:`run_bench` did: the run keys it ran, the run keys it skipped (already in the file), the file,
+    and the keys of the trainings it ran (one process each; a post-hoc strength's values share one)."""
 
     ran: list[str]
     skipped: list[str]
     results: Path
+    trainings: list[str] = field(default_factory=list)
 
 
-# ----- one run, in its own process -----------------------------------------------------------------
+# ----- one training and its runs, in its own process--------------------------------------------------------------
 def _pretrain(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch: int) -> None:
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
@@ -171,44 +187,57 @@ def _choose_threshold(net: torch.nn.Module, grid: Any, x_val: torch.Tensor, y_va
     return {"chosen": chosen["threshold"], "candidates": tried, "tolerance": grid.threshold_tolerance}
 
 
-def execute(config: Config, run: Run, out_dir: Union[str, Path], device: str = "cpu", slots: Any = None,
-            single_thread: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Train, threshold, export and measure one run; returns its result record (the JSONL line).
+def execute(config: Config, training: Training, out_dir: Union[str, Path], device: str = "cpu", slots: Any = None,
+            single_thread: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+    """Train once, then threshold, export and measure each run of ``training``; returns their result records
+    (the JSONL lines), in the order of ``training.values``.
 
-    Meant to run in a fresh process (:func:`run_bench` starts one per run); ``slots`` is a queue of tqdm bar
-    positions shared by the workers.
+    Meant to run in a fresh process (:func:`run_bench` starts one per training); ``slots`` is a queue of tqdm
+    bar positions shared by the workers.
     """
     wall = time.perf_counter()
     if single_thread:
         torch.set_num_threads(1)
     position = slots.get() if slots is not None else 1
     try:
-        return _execute(config, run, Path(out_dir), torch.device(device), position, progress, wall)
+        return _execute(config, training, Path(out_dir), torch.device(device), position, progress, wall)
     finally:
         if slots is not None:
             slots.put(position)
 
 
-def _execute(config: Config, run: Run, out_dir: Path, device: torch.device, position: int, progress: bool,
-             wall: float) -> dict[str, Any]:
-    recipe, grid = config.recipe, config.methods[run.method]
-    torch.manual_seed(run.seed)
-    pyro.set_rng_seed(run.seed)
+def _rng_state() -> dict[str, Any]:
+    state = {"pyro": pyro.util.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    pyro.util.set_rng_state(state["pyro"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _execute(config: Config, training: Training, out_dir: Path, device: torch.device, position: int,
+             progress: bool, wall: float) -> list[dict[str, Any]]:
+    recipe = config.recipe
+    torch.manual_seed(training.seed)
+    pyro.set_rng_seed(training.seed)
     pyro.clear_param_store()
-    data = load_data(run.net, recipe.val_size)
+    data = load_data(training.net, recipe.val_size)
     x_train, y_train, x_val, y_val, x_test, y_test = (t.to(device) for t in data)
     n = x_train.shape[0]
-    dense = NETS[run.net].build().to(device)
-    caught: list[str] = []
-    bar = tqdm(total=recipe.pretrain_epochs + recipe.epochs + recipe.finetune_epochs, position=position,
-               desc=run.key, leave=False, disable=not progress, unit="epoch")
+    dense = NETS[training.net].build().to(device)
+    bar = tqdm(total=recipe.pretrain_epochs + recipe.epochs + recipe.finetune_epochs * len(training.values),
+               position=position, desc=training.key, leave=False, disable=not progress, unit="epoch")
     start = time.perf_counter()
     if recipe.pretrain_epochs:
         _pretrain(dense, x_train, y_train, recipe.pretrain_epochs, recipe.lr, recipe.batch_size)
         bar.update(recipe.pretrain_epochs)
     pretrain_seconds = time.perf_counter() - start
-    options = config.method_options(run)
-    net = sparsify(dense, run.method, **options)
+    options = config.method_options(training)
+    net = sparsify(dense, training.method, **options)
     model = SVIModel(net, num_data=n)
 
     def batches():
@@ -221,9 +250,26 @@ def _execute(config: Config, run: Run, out_dir: Path, device: torch.device, posi
     start = time.perf_counter()
     fit_svi(model, batches, epochs=recipe.epochs, lr=recipe.lr, lr_lambda=lr_lambda, progress=False,
             on_epoch_end=lambda epoch, stats: bar.update(1))
-    train_seconds = time.perf_counter() - start
-    histogram = log_alpha_histogram(net)
+    shared = {"training": training.key, "options": options, "log_alpha_hist": log_alpha_histogram(net),
+              "pretrain_seconds": pretrain_seconds, "train_seconds": time.perf_counter() - start}
+    # Every value starts from the trained model and the random state right after training, so its record does
+    # not depend on which other values this process computes (a resume that redoes one value redoes it alone).
+    trained_state = _rng_state()
+    records = []
+    for run in training.runs():
+        _set_rng_state(trained_state)
+        records.append(_evaluate(config, run, copy.deepcopy(model), batches, (x_val, y_val, x_test, y_test),
+                                 out_dir, device, bar, shared, wall))
+    bar.close()
+    return records
 
+
+def _evaluate(config: Config, run: Run, model: SVIModel, batches: Any, data: tuple, out_dir: Path,
+              device: torch.device, bar: Any, shared: dict[str, Any], wall: float) -> dict[str, Any]:
+    """Threshold (and fine-tune) a copy of the trained model at ``run.value``, export, measure, save."""
+    recipe, grid, net = config.recipe, config.methods[run.method], model.net
+    x_val, y_val, x_test, y_test = data
+    posthoc_start = time.perf_counter()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         threshold: dict[str, Any]
@@ -238,7 +284,7 @@ def _execute(config: Config, run: Run, out_dir: Path, device: torch.device, posi
         else:
             threshold_(net)
             threshold = {"chosen": "default"}
-    caught += [str(x.message) for x in w]
+    caught = [str(x.message) for x in w]
 
     start = time.perf_counter()
     if recipe.finetune_epochs:
@@ -247,7 +293,6 @@ def _execute(config: Config, run: Run, out_dir: Path, device: torch.device, posi
         fit_svi(model, batches, epochs=recipe.finetune_epochs, lr=recipe.lr * recipe.finetune_lr_factor,
                 lr_lambda=lambda e: 1.0, progress=False, on_epoch_end=lambda epoch, stats: bar.update(1))
     finetune_seconds = time.perf_counter() - start
-    bar.close()
 
     net = net.cpu()
     exported = NETS[run.net].build()
@@ -267,7 +312,7 @@ def _execute(config: Config, run: Run, out_dir: Path, device: torch.device, posi
     return {
         "config_hash": config.hash, "config_name": config.name, "key": run.key, "net": run.net,
         "method": run.method, "strength": run.strength, "value": run.value, "seed": run.seed,
-        "options": options, "threshold": threshold,
+        "training": shared["training"], "options": shared["options"], "threshold": threshold,
         "val_error": val_error, "test_error": test_error,
         "compression": _finite(rep.compression), "weights": rep.weights, "nonzero": rep.nonzero,
         "layers": [{"name": r.name, "shape": list(r.shape), "weights": r.weights, "nonzero": r.nonzero,
@@ -277,8 +322,9 @@ def _execute(config: Config, run: Run, out_dir: Path, device: torch.device, posi
         "latency": speed,
         "speedup_batch1": speed["batch1"]["speedup"] if speed else None,
         "speedup_batch64": speed["batch64"]["speedup"] if speed else None,
-        "log_alpha_hist": histogram,
-        "pretrain_seconds": pretrain_seconds, "train_seconds": train_seconds, "finetune_seconds": finetune_seconds,
+        "log_alpha_hist": shared["log_alpha_hist"],
+        "pretrain_seconds": shared["pretrain_seconds"], "train_seconds": shared["train_seconds"],
+        "finetune_seconds": finetune_seconds, "posthoc_seconds": time.perf_counter() - posthoc_start,
         "wall_seconds": time.perf_counter() - wall,
         "model_path": str(model_path), "model_bytes": saved.total_bytes,
         "device": str(device), "threads": torch.get_num_threads(), "warnings": caught,
@@ -299,47 +345,90 @@ def check_device(device: str) -> None:
 
 
 def run_bench(config: Config, out: Union[str, Path], jobs: int = 1, resume: bool = False, device: str = "cpu",
-              progress: bool = True) -> BenchResult:
-    """Run every run of ``config`` that ``out/results.jsonl`` lacks, one process each, ``jobs`` at a time.
+              progress: bool = True, only: Optional[Sequence[str]] = None,
+              seeds: Optional[Sequence[int]] = None) -> BenchResult:
+    """Run every run of ``config`` that ``out/results.jsonl`` lacks, one process per training, ``jobs`` at a time.
+
+    A training with a post-hoc strength (``"threshold"``, ``"sparsity"``) produces the runs of every value
+    (see :class:`~bayes_sparse.bench.config.Training`); if only some of them are in the file, it is trained
+    again (same seed and recipe) for the missing values only.
 
     Args:
         config: The checked config (:func:`~bayes_sparse.bench.config.load_config`).
         out: Output folder: ``results.jsonl``, ``config.json``, ``models/*.safetensors``.
-        jobs: Runs in parallel; with more than one, each process uses one torch thread.
-        resume: Continue a results file of this config (only missing runs are run); without it an existing
-            file with finished runs is refused.
+        jobs: Trainings in parallel; with more than one, each process uses one torch thread.
+        resume: Continue a results file of this config (only missing runs are run); without it a file that
+            already holds runs of the selection is refused.
         device: ``"cpu"`` or ``"cuda"`` (training; latency is always measured on the CPU).
-        progress: tqdm bars: one overall, one per running run.
+        progress: tqdm bars: one overall (runs), one per running training.
+        only: Run only these methods of the config (``None``: all).
+        seeds: Run only these seeds of the config (``None``: all). Neither filter changes the config's hash, so
+            the parts of a sweep can be run one after another into the same folder.
 
     Returns:
         A :class:`BenchResult`.
 
     Raises:
-        ValueError: bad ``jobs``, a results file of another config or with a corrupt line before its last, or
-            finished runs in the file without ``resume``.
-        RuntimeError: ``device="cuda"`` without a GPU; some runs failed (after the others finished and were
+        ValueError: bad ``jobs``, a method or seed not in the config, a results file of another config or with
+            a corrupt line before its last, finished runs of the selection in the file without ``resume``,
+            or another ``bench`` running into the same folder.
+        RuntimeError: ``device="cuda"`` without a GPU; some trainings failed (after the others finished and were
             recorded; the message names them and their errors).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     check_device(device)
+    trainings = config.trainings(only, seeds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with _lock(out):
+        return _run_bench(config, out, trainings, jobs, resume, device, progress, bool(only or seeds))
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.bench.lock`` (an exclusive ``flock``, released when the process ends) while a sweep writes to
+    ``out``: two sweeps appending to one results file would cut each other's lines when repairing a tail."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / ".bench.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another bayes-sparse bench is writing to {out}; run the parts of a sweep one after "
+                             "another into one folder (--resume), or wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_bench(config: Config, out: Path, trainings: list[Training], jobs: int, resume: bool, device: str,
+               progress: bool, filtered: bool) -> BenchResult:
     results = ResultsFile(out / "results.jsonl", config.hash)
     rows = results.read()
-    if rows and not resume:
-        raise ValueError(f"{results.path} already holds {len(rows)} finished run(s) of this config; pass --resume to "
+    done = {r["key"] for r in rows}
+    runs = [r for t in trainings for r in t.runs()]
+    skipped = [r.key for r in runs if r.key in done]
+    if skipped and not resume:
+        which = "of the selected methods/seeds" if filtered else "of this config"
+        raise ValueError(f"{results.path} already holds {len(skipped)} finished run(s) {which}; pass --resume to "
                          "run only the missing ones, or write to another folder (--out DIR)")
     (out / "config.json").write_text(json.dumps({"hash": config.hash, **config.to_dict()}, indent=2,
                                                 default=_jsonable))
-    done = {r["key"] for r in rows}
-    runs = config.runs()
-    todo = [r for r in runs if r.key not in done]
-    skipped = [r.key for r in runs if r.key in done]
+    todo = []
+    for t in trainings:
+        missing = tuple(r.value for r in t.runs() if r.key not in done)
+        if missing:
+            todo.append(t.only(missing))
     ran: list[str] = []
+    trained: list[str] = []
     failed: list[str] = []
     if not todo:
-        return BenchResult(ran, skipped, results.path)
+        return BenchResult(ran, skipped, results.path, trained)
     ctx = multiprocessing.get_context("spawn")
     overall = tqdm(total=len(runs), initial=len(skipped), position=0, desc=config.name, unit="run",
                    disable=not progress)
@@ -348,28 +437,30 @@ def run_bench(config: Config, out: Union[str, Path], jobs: int = 1, resume: bool
         for i in range(1, jobs + 1):
             slots.put(i)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-            pending = {pool.submit(execute, config, run, str(out), device, slots, jobs > 1, progress): run
-                       for run in todo}
+            pending = {pool.submit(execute, config, t, str(out), device, slots, jobs > 1, progress): t
+                       for t in todo}
             try:
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in finished:
-                        run = pending.pop(fut)
+                        t = pending.pop(fut)
                         try:
-                            row = fut.result()
-                        except Exception as e:  # one failed run does not stop the others
-                            logger.error("run %s failed: %s: %s", run.key, type(e).__name__, e)
-                            failed.append(f"{run.key}: {type(e).__name__}: {e}")
+                            records = fut.result()
+                        except Exception as e:  # one failed training does not stop the others
+                            logger.error("training %s failed: %s: %s", t.key, type(e).__name__, e)
+                            failed.append(f"{t.key}: {type(e).__name__}: {e}")
                         else:
-                            results.append(row)
-                            ran.append(run.key)
-                        overall.update(1)
+                            for row in records:
+                                results.append(row)
+                                ran.append(row["key"])
+                            trained.append(t.key)
+                        overall.update(len(t.values))
             except BaseException:
                 for fut in pending:
                     fut.cancel()
                 raise
     overall.close()
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(todo)} run(s) failed (the {len(ran)} others are in "
-                           f"{results.path}; rerun with --resume to retry):\n  " + "\n  ".join(failed))
-    return BenchResult(ran, skipped, results.path)
+        raise RuntimeError(f"{len(failed)} of {len(todo)} training(s) failed (the runs of the {len(trained)} others "
+                           f"are in {results.path}; rerun with --resume to retry):\n  " + "\n  ".join(failed))
+    return BenchResult(ran, skipped, results.path, trained)

@@ -140,3 +140,138 @@ def test_console_script_entry_point():
 
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["bayes-sparse"] == "bayes_sparse.cli:main"
+
+
+# ----- post-hoc strengths: one training serves every value -------------------------------------------
+POSTHOC = {"name": "posthoc", "recipe": {"epochs": 2, "batch_size": 100, "lr": 1e-2, "latency_rounds": 1,
+                                         "warmup": [0.0, 0.0]},
+           "grid": {"nets": ["mlp_tiny"], "seeds": [0]},
+           "methods": {"vd": {"strength": "threshold", "values": [0.0, 2.0, 5.0]}}}
+TRAINING = "mlp_tiny/vd/threshold=*/seed=0"
+#: The fields of a record that follow from the threshold (or from when it was written); every other one is the
+#: shared training's.
+PER_VALUE = {"key", "value", "threshold", "val_error", "test_error", "compression", "nonzero", "layers", "units_kept",
+             "macs", "flop_reduction", "latency", "speedup_batch1", "speedup_batch64", "finetune_seconds",
+             "posthoc_seconds", "wall_seconds", "model_path", "model_bytes", "warnings", "finished_at"}
+
+
+@pytest.fixture(scope="module")
+def posthoc_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("posthoc")
+    result = run_bench(parse_config(POSTHOC), out, jobs=1, progress=False)
+    assert result.trainings == [TRAINING]  # one process, one training
+    assert result.ran == [f"mlp_tiny/vd/threshold={v:g}/seed=0" for v in (0.0, 2.0, 5.0)]
+    return out
+
+
+def test_trainings_of_a_config():
+    c = parse_config(dict(POSTHOC, methods={**POSTHOC["methods"], "l0": {"strength": "penalty", "values": [0.1, 1]}},
+                          grid={"nets": ["mlp_tiny"], "seeds": [0, 1]}))
+    assert [(t.key, t.values) for t in c.trainings()] == [
+        ("mlp_tiny/vd/threshold=*/seed=0", (0.0, 2.0, 5.0)), ("mlp_tiny/vd/threshold=*/seed=1", (0.0, 2.0, 5.0)),
+        ("mlp_tiny/l0/penalty=0.1/seed=0", (0.1,)), ("mlp_tiny/l0/penalty=0.1/seed=1", (0.1,)),
+        ("mlp_tiny/l0/penalty=1/seed=0", (1.0,)), ("mlp_tiny/l0/penalty=1/seed=1", (1.0,))]
+    assert sorted(r.key for t in c.trainings() for r in t.runs()) == sorted(r.key for r in c.runs())
+    assert [t.key for t in c.trainings(only=["l0"], seeds=[1])] == ["mlp_tiny/l0/penalty=0.1/seed=1",
+                                                                      "mlp_tiny/l0/penalty=1/seed=1"]
+    with pytest.raises(ValueError, match=r"method 'l1' is not in config 'posthoc'; its methods: vd, l0"):
+        c.trainings(only=["l1"])
+    with pytest.raises(ValueError, match=r"seed 7 is not in config 'posthoc'; its seeds: 0, 1"):
+        c.trainings(seeds=[7])
+
+
+def test_posthoc_values_share_one_training(posthoc_dir):
+    rows = [json.loads(x) for x in lines(posthoc_dir)]
+    assert [r["value"] for r in rows] == [0.0, 2.0, 5.0] and {r["training"] for r in rows} == {TRAINING}
+    shared = set(rows[0]) - PER_VALUE
+    assert {"train_seconds", "log_alpha_hist", "options", "seed", "training", "config_hash"} <= shared
+    for r in rows[1:]:
+        assert set(r) == set(rows[0]) and {k: r[k] for k in shared} == {k: rows[0][k] for k in shared}
+    assert rows[0]["train_seconds"] > 0
+    # the thresholds did their work on the same trained weights: a lower log-alpha threshold prunes more
+    kept = [r["nonzero"] for r in rows]
+    assert kept[0] < kept[1] <= kept[2] and len({r["model_path"] for r in rows}) == 3
+
+
+def test_posthoc_training_runs_fit_svi_once_and_fine_tunes_copies(tmp_path, monkeypatch):
+    from bayes_sparse.bench import runner
+
+    config = parse_config(dict(POSTHOC, recipe=dict(POSTHOC["recipe"], epochs=1, finetune_epochs=1,
+                                                    latency_rounds=0)))
+    calls = []
+    real = runner.fit_svi
+
+    def counting(model, batches, epochs, **kw):
+        calls.append((id(model), epochs))
+        return real(model, batches, epochs, **kw)
+
+    monkeypatch.setattr(runner, "fit_svi", counting)
+    (training,) = config.trainings()
+    records = runner.execute(config, training, tmp_path)
+    assert [r["value"] for r in records] == [0.0, 2.0, 5.0]
+    # one training, then one fine-tuning per value, each on its own copy of the trained model
+    assert [e for _, e in calls] == [1, 1, 1, 1] and len({m for m, _ in calls}) == 4
+    assert len({r["train_seconds"] for r in records}) == 1
+    # a value's record does not depend on the other values computed in the same process
+    (alone,) = runner.execute(config, training.only((2.0,)), tmp_path / "alone")
+    for k in ("val_error", "test_error", "compression", "layers"):
+        assert alone[k] == records[1][k]
+
+
+def test_resume_redoes_only_the_missing_value(posthoc_dir, tmp_path):
+    before = lines(posthoc_dir)
+    out = tmp_path / "resume"
+    out.mkdir()
+    (out / "results.jsonl").write_text(before[0] + "\n" + before[2] + "\n")  # the threshold=2 record is lost
+    result = run_bench(parse_config(POSTHOC), out, resume=True, progress=False)
+    assert result.ran == ["mlp_tiny/vd/threshold=2/seed=0"] and result.trainings == [TRAINING]
+    assert sorted(result.skipped) == ["mlp_tiny/vd/threshold=0/seed=0", "mlp_tiny/vd/threshold=5/seed=0"]
+    after = lines(out)
+    assert after[:2] == [before[0], before[2]] and len(after) == 3
+    redone, lost = json.loads(after[2]), json.loads(before[1])
+    assert redone["training"] == TRAINING
+    for k in ("val_error", "test_error", "compression", "layers", "log_alpha_hist"):  # same seed, same recipe
+        assert redone[k] == lost[k]
+    again = run_bench(parse_config(POSTHOC), out, resume=True, progress=False)
+    assert again.ran == [] and again.trainings == [] and len(again.skipped) == 3
+
+
+def test_filters_run_parts_that_add_up_to_the_sweep(tmp_path, capsys):
+    raw = {"name": "parts", "recipe": {"epochs": 1, "batch_size": 100, "lr": 1e-2, "latency_rounds": 0},
+           "grid": {"nets": ["mlp_tiny"], "seeds": [0, 1]},
+           "methods": {"vd": {"strength": "threshold", "values": [2.0, 4.0]},
+                       "magnitude": {"strength": "target_sparsity", "values": [0.5]}}}
+    config = parse_config(raw)
+    out = tmp_path / "o"
+    cfg = tmp_path / "parts.toml"
+    cfg.write_text('name = "parts"\n[recipe]\nepochs = 1\nbatch_size = 100\nlr = 1e-2\nlatency_rounds = 0\n'
+                   '[grid]\nnets = ["mlp_tiny"]\nseeds = [0, 1]\n[methods.vd]\nstrength = "threshold"\n'
+                   'values = [2.0, 4.0]\n[methods.magnitude]\nstrength = "target_sparsity"\nvalues = [0.5]\n')
+    a = run_bench(config, out, only=["vd"], seeds=[0], progress=False)
+    assert a.ran == ["mlp_tiny/vd/threshold=2/seed=0", "mlp_tiny/vd/threshold=4/seed=0"]
+    assert a.trainings == ["mlp_tiny/vd/threshold=*/seed=0"]
+    # the second part, from the command line, into the same folder (its runs are not in the file: no --resume)
+    assert cli.main(["bench", str(cfg), "--out", str(out), "--only", "magnitude,vd", "--seeds", "1",
+                     "--no-progress"]) == 0
+    assert "3 run(s) done (2 training(s)), 0 already in" in capsys.readouterr().out
+    c = run_bench(config, out, only=["magnitude"], seeds=[0], progress=False)
+    assert c.ran == ["mlp_tiny/magnitude/target_sparsity=0.5/seed=0"]
+    keys = [json.loads(x)["key"] for x in lines(out)]
+    assert len(keys) == len(set(keys)) and set(keys) == {r.key for r in config.runs()}
+    assert {json.loads(x)["config_hash"] for x in lines(out)} == {config.hash}
+    full = run_bench(config, out, resume=True, progress=False)
+    assert full.ran == [] and len(full.skipped) == 6
+    with pytest.raises(ValueError, match=r"already holds 2 finished run\(s\) of the selected methods/seeds; pass "
+                                         r"--resume"):
+        run_bench(config, out, only=["vd"], seeds=[1], progress=False)
+    assert cli.main(["bench", str(cfg), "--out", str(out), "--only", "l0"]) == 2
+    assert "method 'l0' is not in config 'parts'; its methods: vd, magnitude" in capsys.readouterr().err
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    with open(tmp_path / ".bench.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match=r"another bayes-sparse bench is writing to .*one after another"):
+            run_bench(parse_config(RAW), tmp_path, progress=False)
