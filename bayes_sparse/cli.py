@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="aggregate a results.jsonl: summary.md, summary.json, PNG plots")
     r.add_argument("results", type=Path)
     r.add_argument("--out", type=Path, default=None, help="output folder (default: beside the results)")
+    r.add_argument("--readme", type=Path, default=None,
+                   help="also put the table and the error-vs-compression plot into this README, between the lines "
+                        "<!-- bench:NAME:start --> and <!-- bench:NAME:end --> (NAME: the config's name)")
     i = sub.add_parser("inspect", help="per-tensor table of a file written by bayes_sparse.export.save")
     i.add_argument("model", type=Path)
     return p
@@ -81,6 +84,10 @@ def _report(args: argparse.Namespace) -> int:
 
     written = write_report(args.results, args.out)
     print(f"wrote {written['summary']}, {written['json']}" + "".join(f", {p}" for p in written["plots"]))
+    if args.readme is not None:
+        from .bench.report import update_readme
+
+        print(f"updated {update_readme(args.readme, args.results, args.out)}")
     return 0
 
 

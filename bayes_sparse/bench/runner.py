@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -310,7 +311,8 @@ def _evaluate(config: Config, run: Run, model: SVIModel, batches: Any, data: tup
     saved = export.save(net, model_path)
     speed = latency(exported, x_test, rounds=recipe.latency_rounds) if recipe.latency_rounds else None
     return {
-        "config_hash": config.hash, "config_name": config.name, "key": run.key, "net": run.net,
+        "config_hash": config.hash, "config_name": config.name, "recipe": dataclasses.asdict(recipe),
+        "key": run.key, "net": run.net,
         "method": run.method, "strength": run.strength, "value": run.value, "seed": run.seed,
         "training": shared["training"], "options": shared["options"], "threshold": threshold,
         "val_error": val_error, "test_error": test_error,

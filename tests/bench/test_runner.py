@@ -108,6 +108,27 @@ def test_report_writes_summary_and_plots(bench_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_report_puts_table_budget_and_plot_into_the_readme_block(bench_dir, tmp_path, capsys):
+    rows = [json.loads(x) for x in lines(bench_dir)]
+    name = rows[0]["config_name"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\n<!-- bench:{name}:start -->\nold table\n<!-- bench:{name}:end -->\ntail\n")
+    out = tmp_path / "report"
+    assert cli.main(["report", str(bench_dir / "results.jsonl"), "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# Project") and text.endswith("tail\n")
+    block = text.split(f"<!-- bench:{name}:start -->")[1].split(f"<!-- bench:{name}:end -->")[0]
+    epochs = rows[0]["recipe"]["epochs"]
+    assert f"{epochs} epochs" in block and "2 seeds: 0, 1" in block
+    table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert all(line in block for line in table)
+    assert "![error vs compression](report/mlp_tiny_tradeoff.png)" in block
+    bare = tmp_path / "BARE.md"
+    bare.write_text("no markers\n")
+    assert cli.main(["report", str(bench_dir / "results.jsonl"), "--out", str(out), "--readme", str(bare)]) == 2
+    assert f"<!-- bench:{name}:start -->" in capsys.readouterr().err and bare.read_text() == "no markers\n"
+
+
 def test_inspect_prints_the_table_of_a_saved_file(bench_dir, capsys):
     path = json.loads(lines(bench_dir)[0])["model_path"]
     assert cli.main(["inspect", path]) == 0
