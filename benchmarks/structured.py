@@ -20,7 +20,6 @@ Each run writes ``benchmarks/results/structured_<net>_<method>.json`` and its mo
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import bayes_sparse as bs
-from bayes_sparse import functional as BF
 from tests.cases import CASE_IDS, LAYER_CASES
 
 N = 256
