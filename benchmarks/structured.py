@@ -263,9 +263,103 @@ def plot() -> None:
     print(f"wrote {out}")
 
 
+def resnet18_mnist() -> nn.Module:
+    """torchvision's ResNet-18 adapted to 1x28x28 digits as in ``examples/finetune_torchvision.py``."""
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None, num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, 3, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def _fit(net: nn.Module, groups: list[dict], x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int,
+         n: int, log: Callable[[str], None], what: str) -> None:
+    opt = torch.optim.Adam(groups)
+    for epoch in range(epochs):
+        bs.on_epoch_start(net, epoch, epochs)
+        net.train()
+        perm = torch.randperm(x.shape[0])
+        total = 0.0
+        for i in range(0, x.shape[0], batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(net(x[idx]), y[idx]) + bs.regularizer(net) / n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bs.after_step(net, groups[0]["lr"], n)
+            total += float(loss.detach()) * len(idx)
+        log(f"{what} epoch {epoch + 1}/{epochs}: loss {total / x.shape[0]:.4f}")
+
+
+def resnet18_experiment(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
+    """ResNet-18 on MNIST: dense training, BatchNorm folded into the convolutions, group L0 fine-tuning,
+    channels removed.
+
+    A channel's gate must silence its output for the channel to go; behind a BatchNorm a silenced convolution
+    still outputs the BatchNorm's shift, so the BatchNorms (eval statistics) are folded into the convolutions
+    first (``torch.fx.experimental.optimization.fuse``) and each convolution's output channel is gated with
+    its bias. Channels tied by a residual addition go only together (``export.shrink``).
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    torch.manual_seed(args.seed)
+    data = bs.data.load_mnist()
+    x_train = data.x_train[:args.train_subset].view(-1, 1, 28, 28)
+    y_train = data.y_train[:args.train_subset]
+    x_test, y_test = data.x_test.view(-1, 1, 28, 28), data.y_test
+    n = x_train.shape[0]
+    dense = resnet18_mnist()
+    start = time.perf_counter()
+    _fit(dense, [{"params": list(dense.parameters()), "lr": 1e-3}], x_train, y_train, args.pretrain_epochs,
+         args.batch_size, n, log, "dense")
+    dense.eval()
+    err_dense = bs.error_rate(dense, x_test, y_test)
+    folded = fuse(dense)
+    err_folded = bs.error_rate(folded, x_test, y_test)
+    log(f"dense ResNet-18: test error {100 * err_dense:.2f}% (BatchNorm folded: {100 * err_folded:.2f}%)")
+    net = bs.sparsify(folded, "group_l0", exclude=["conv1", "fc"], unit="out", penalty=args.penalty,
+                      droprate_init=0.1, warmup=(0.0, 0.0))
+    gates = [p for name, p in net.named_parameters() if name.endswith("log_alpha")]
+    weights = [p for name, p in net.named_parameters() if not name.endswith("log_alpha")]
+    _fit(net, [{"params": weights, "lr": 1e-4}, {"params": gates, "lr": 1e-2}], x_train, y_train, args.epochs,
+         args.batch_size, n, log, "group L0")
+    seconds = time.perf_counter() - start
+    bs.threshold_(net)
+    net.eval()
+    err_sparse = bs.error_rate(net, x_test, y_test)
+    exported = bs.to_dense(net).eval()
+    example = x_test[:8]
+    shrunk = bs.export.shrink(exported, example)
+    err_shrunk = bs.error_rate(shrunk, x_test, y_test)
+    summary = shrunk.shrink_summary
+    params_dense = sum(p.numel() for p in dense.parameters())
+    params_shrunk = sum(p.numel() for p in shrunk.parameters())
+    log(f"thresholded: {100 * err_sparse:.2f}%, shrunk: {100 * err_shrunk:.2f}%, parameters {params_dense} -> "
+        f"{params_shrunk}")
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        seconds_by = time_side_by_side({"dense": lambda x: dense(x), "dense_bn_folded": lambda x: folded(x),
+                                        "shrunk": lambda x: shrunk(x)},
+                                       {1: x_test[:1].contiguous(), 64: x_test[:64].contiguous()}, rounds=7)
+    speed = {str(b): {"ms": {k: 1e3 * v for k, v in t.items()}, "speedup_shrunk": t["dense"] / t["shrunk"],
+                      "speedup_shrunk_over_folded": t["dense_bn_folded"] / t["shrunk"]}
+             for b, t in seconds_by.items()}
+    for b, t in seconds_by.items():
+        log(f"batch {b}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in t.items()))
+    return {"net": "resnet18_mnist", "method": "group_l0", "train_subset": n, "pretrain_epochs": args.pretrain_epochs,
+            "epochs": args.epochs, "penalty": args.penalty, "seed": args.seed, "train_seconds": seconds,
+            "test_error_percent_dense": 100 * err_dense, "test_error_percent_bn_folded": 100 * err_folded,
+            "test_error_percent_thresholded": 100 * err_sparse, "test_error_percent": 100 * err_shrunk,
+            "channels": {k: list(v) for k, v in summary.units.items()},
+            "parameters_dense": params_dense, "parameters_shrunk": params_shrunk,
+            "macs_dense": macs(dense, example[:1]), "macs_shrunk": macs(shrunk, example[:1]), "speed": speed,
+            "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--net", choices=sorted(LAYERS), default="lenet5")
+    p.add_argument("--net", choices=sorted(LAYERS) + ["resnet18"], default="lenet5")
     p.add_argument("--method", choices=["group_l0", "group_vd"], default="group_l0")
     p.add_argument("--recipe", default="sep", help="group_l0 per-layer penalties: sep (L0-sep) or paper (0.1/N)")
     p.add_argument("--epochs", type=int, default=100)
@@ -276,11 +370,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--from-checkpoint", type=Path, default=None, help="skip training: evaluate this checkpoint")
     p.add_argument("--plot", action="store_true", help="only draw benchmarks/results/structured.png")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--train-subset", type=int, default=10_000, help="resnet18: training images used")
+    p.add_argument("--pretrain-epochs", type=int, default=1, help="resnet18: dense epochs before the gates")
+    p.add_argument("--penalty", type=float, default=3e-4,
+                   help="resnet18: group L0 penalty per weight of a channel, units of 1/N (11M weights: ~3 nats/example at the start)")
     args = p.parse_args(argv)
     if args.plot:
         plot()
         return None
     torch.set_num_threads(args.threads)
+    log = (lambda s: print(s, flush=True))
+    if args.net == "resnet18":
+        out = args.out or RESULTS / "structured_resnet18_group_l0.json"
+        result = resnet18_experiment(args, log)
+        out.write_text(json.dumps(result, indent=2))
+        log(f"wrote {out}")
+        return result
     recipe = args.recipe if args.method == "group_l0" else "vd"
     if args.method == "group_l0" and (args.net, args.method, recipe) not in PENALTIES:
         p.error(f"no recipe {recipe!r} for {args.net}; choose one of "
@@ -288,7 +393,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     out = args.out or RESULTS / f"structured_{args.net}_{args.method}.json"
     ckpt = out.with_name(out.stem + "_model.safetensors")
     data = bs.data.load_mnist()
-    log = (lambda s: print(s, flush=True))
     net = build(args.net, args.method, recipe, warmup=(0.025, 0.1))
     curve, seconds = [], 0.0
     if args.from_checkpoint:
