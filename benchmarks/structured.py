@@ -64,9 +64,10 @@ ANCHORS = {
 }
 
 
-def build(net_name: str, method: str, recipe: str, warmup: tuple[float, float]) -> nn.Module:
+def build(net_name: str, method: str, recipe: str, warmup: tuple[float, float], per_weight: bool = False) -> nn.Module:
     """The net with ``method`` on every layer. ``group_l0`` gates the units the anchors count (``UNITS``);
-    ``group_vd`` scales output units, so its last layer (whose outputs are the classes) takes per-weight ``vd``."""
+    ``group_vd`` scales output units, so its last layer (whose outputs are the classes) takes per-weight ``vd``;
+    with ``per_weight`` the other layers also carry Sparse VD per weight (units and weights both pruned)."""
     net = NETS[net_name]()
     names = LAYERS[net_name]
     for i, (name, unit) in enumerate(zip(names, UNITS[net_name])):
@@ -78,7 +79,7 @@ def build(net_name: str, method: str, recipe: str, warmup: tuple[float, float]) 
         elif name == names[-1]:
             net = bs.sparsify(net, "vd", include=[name], warmup=warmup)
         else:
-            net = bs.sparsify(net, "group_vd", include=[name], warmup=warmup)
+            net = bs.sparsify(net, "group_vd", include=[name], warmup=warmup, per_weight=per_weight)
     return net
 
 
@@ -252,7 +253,7 @@ def plot() -> None:
             r = json.loads(f.read_text())
             if r["net"] == net_name:
                 ax.plot(labels, r["units_kept"], "s-", linewidth=2,
-                        label=f"bayes_sparse {r['method']} ({r['test_error_percent']:.2f}%)")
+                        label=f"bayes_sparse {r['method']} {r.get('recipe', '')} ({r['test_error_percent']:.2f}%)")
         ax.set_yscale("log")
         ax.set_title(f"{net_name}: units kept per layer (lower is smaller)")
         ax.set_ylabel("units kept")
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--from-checkpoint", type=Path, default=None, help="skip training: evaluate this checkpoint")
     p.add_argument("--plot", action="store_true", help="only draw benchmarks/results/structured.png")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--per-weight", action="store_true", help="group_vd: Sparse VD per weight as well")
     p.add_argument("--train-subset", type=int, default=10_000, help="resnet18: training images used")
     p.add_argument("--pretrain-epochs", type=int, default=1, help="resnet18: dense epochs before the gates")
     p.add_argument("--penalty", type=float, default=3e-4,
@@ -386,14 +388,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         out.write_text(json.dumps(result, indent=2))
         log(f"wrote {out}")
         return result
-    recipe = args.recipe if args.method == "group_l0" else "vd"
+    recipe = args.recipe if args.method == "group_l0" else ("vd+per_weight" if args.per_weight else "vd")
     if args.method == "group_l0" and (args.net, args.method, recipe) not in PENALTIES:
         p.error(f"no recipe {recipe!r} for {args.net}; choose one of "
                 f"{sorted(r for n, m, r in PENALTIES if n == args.net and m == args.method)}")
-    out = args.out or RESULTS / f"structured_{args.net}_{args.method}.json"
+    suffix = "_per_weight" if args.method == "group_vd" and args.per_weight else ""
+    out = args.out or RESULTS / f"structured_{args.net}_{args.method}{suffix}.json"
     ckpt = out.with_name(out.stem + "_model.safetensors")
     data = bs.data.load_mnist()
-    net = build(args.net, args.method, recipe, warmup=(0.025, 0.1))
+    net = build(args.net, args.method, recipe, warmup=(0.025, 0.1), per_weight=args.per_weight)
     curve, seconds = [], 0.0
     if args.from_checkpoint:
         bs.export.load_checkpoint(net, args.from_checkpoint)
