@@ -55,6 +55,19 @@ void check(const torch::Tensor& t, const torch::Tensor& like, const char* name) 
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.numel() == like.numel(), name, " has ", t.numel(), " elements, expected ", like.numel());
 }
+// Sum of chunk(i0, i1) over fixed chunks of [0, n), chunks split across threads: the order of the float
+// additions does not depend on the thread count (partial sums in double).
+template <typename F>
+double chunked_sum(int64_t n, F chunk) {
+  const int64_t chunks = (n + GRAIN - 1) / GRAIN;
+  std::vector<double> partial(chunks > 0 ? chunks : 1, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) partial[ch] = chunk(ch * GRAIN, std::min(n, (ch + 1) * GRAIN));
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
 }  // namespace
 
 // One element: log alpha (clipped), alpha, s = sigmoid(k2 + k3 log alpha), and the unclipped value u.
@@ -112,18 +125,9 @@ std::vector<torch::Tensor> vd_forward(torch::Tensor theta, torch::Tensor log_sig
   float* v = var.data_ptr<float>();
   float* l = la.data_ptr<float>();
   const float c = static_cast<float>(clip);
-  const int64_t n = theta.numel();
-  const int64_t chunks = (n + GRAIN - 1) / GRAIN;
-  std::vector<double> partial(chunks > 0 ? chunks : 1, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      const int64_t i0 = ch * GRAIN, i1 = std::min(n, i0 + GRAIN);
-      partial[ch] = masked ? forward_chunk<true>(th, ls, m, v, l, c, i0, i1)
-                           : forward_chunk<false>(th, ls, m, v, l, c, i0, i1);
-    }
+  const double total = chunked_sum(theta.numel(), [&](int64_t i0, int64_t i1) {
+    return masked ? forward_chunk<true>(th, ls, m, v, l, c, i0, i1) : forward_chunk<false>(th, ls, m, v, l, c, i0, i1);
   });
-  double total = 0.0;
-  for (double p : partial) total += p;
   return {var, la, torch::tensor(static_cast<float>(total))};
 }
 
@@ -216,18 +220,10 @@ std::vector<torch::Tensor> hc_forward(torch::Tensor log_alpha, torch::Tensor mas
   const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   const HC k{static_cast<float>(beta), static_cast<float>(gamma), static_cast<float>(zeta),
              static_cast<float>(beta * std::log(-gamma / zeta))};
-  const int64_t n = log_alpha.numel();
-  const int64_t chunks = (n + GRAIN - 1) / GRAIN;
-  std::vector<double> partial(chunks > 0 ? chunks : 1, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      const int64_t i0 = ch * GRAIN, i1 = std::min(n, i0 + GRAIN);
-      partial[ch] = masked ? hc_forward_chunk<true>(la, m, g, s0, s1, k, i0, i1)
-                           : hc_forward_chunk<false>(la, m, g, s0, s1, k, i0, i1);
-    }
+  const double total = chunked_sum(log_alpha.numel(), [&](int64_t i0, int64_t i1) {
+    return masked ? hc_forward_chunk<true>(la, m, g, s0, s1, k, i0, i1)
+                  : hc_forward_chunk<false>(la, m, g, s0, s1, k, i0, i1);
   });
-  double total = 0.0;
-  for (double p : partial) total += p;
   return {gates, torch::tensor(static_cast<float>(total))};
 }
 
