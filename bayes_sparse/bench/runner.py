@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -34,7 +33,7 @@ import platform
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -311,7 +310,7 @@ def _evaluate(config: Config, run: Run, model: SVIModel, batches: Any, data: tup
     saved = export.save(net, model_path)
     speed = latency(exported, x_test, rounds=recipe.latency_rounds) if recipe.latency_rounds else None
     return {
-        "config_hash": config.hash, "config_name": config.name, "recipe": dataclasses.asdict(recipe),
+        "config_hash": config.hash, "config_name": config.name, "recipe": asdict(recipe),
         "key": run.key, "net": run.net,
         "method": run.method, "strength": run.strength, "value": run.value, "seed": run.seed,
         "training": shared["training"], "options": shared["options"], "threshold": threshold,
