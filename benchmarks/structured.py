@@ -323,7 +323,7 @@ def resnet18_experiment(args: argparse.Namespace, log: Callable[[str], None]) ->
                       droprate_init=0.1, warmup=(0.0, 0.0))
     gates = [p for name, p in net.named_parameters() if name.endswith("log_alpha")]
     weights = [p for name, p in net.named_parameters() if not name.endswith("log_alpha")]
-    _fit(net, [{"params": weights, "lr": 1e-4}, {"params": gates, "lr": 1e-2}], x_train, y_train, args.epochs,
+    _fit(net, [{"params": weights, "lr": 1e-4}, {"params": gates, "lr": args.gate_lr}], x_train, y_train, args.epochs,
          args.batch_size, n, log, "group L0")
     seconds = time.perf_counter() - start
     bs.threshold_(net)
@@ -349,7 +349,7 @@ def resnet18_experiment(args: argparse.Namespace, log: Callable[[str], None]) ->
     for b, t in seconds_by.items():
         log(f"batch {b}: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in t.items()))
     return {"net": "resnet18_mnist", "method": "group_l0", "train_subset": n, "pretrain_epochs": args.pretrain_epochs,
-            "epochs": args.epochs, "penalty": args.penalty, "seed": args.seed, "train_seconds": seconds,
+            "epochs": args.epochs, "penalty": args.penalty, "gate_lr": args.gate_lr, "seed": args.seed, "train_seconds": seconds,
             "test_error_percent_dense": 100 * err_dense, "test_error_percent_bn_folded": 100 * err_folded,
             "test_error_percent_thresholded": 100 * err_sparse, "test_error_percent": 100 * err_shrunk,
             "channels": {k: list(v) for k, v in summary.units.items()},
@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--per-weight", action="store_true", help="group_vd: Sparse VD per weight as well")
     p.add_argument("--train-subset", type=int, default=10_000, help="resnet18: training images used")
     p.add_argument("--pretrain-epochs", type=int, default=1, help="resnet18: dense epochs before the gates")
+    p.add_argument("--gate-lr", type=float, default=0.05,
+                   help="resnet18: Adam learning rate of the gates (a gate starting at drop rate 0.1 must move its "
+                        "log alpha by about 4.6 to close)")
     p.add_argument("--penalty", type=float, default=3e-4,
                    help="resnet18: group L0 penalty per weight of a channel, units of 1/N (11M weights: ~3 nats/example at the start)")
     args = p.parse_args(argv)
