@@ -8,13 +8,12 @@ import pyro.infer
 import pyro.optim
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import bayes_sparse as bs
-from tests.cases import CASE_IDS, LAYER_CASES
+from tests.cases import CASE_IDS, LAYER_CASES, TOY_N, toy_data, toy_mlp, train_toy
 
-N = 256
+N = TOY_N
 
 
 @pytest.mark.parametrize("unit", ["out", "in"])
@@ -86,42 +85,17 @@ def test_training_gates_are_per_example_and_unit():
     assert (gates == 0).any() and (gates == 1).any()  # hard concrete: exact 0 and 1
 
 
-def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 10, generator=g)
-    y = (x[:, 0] + x[:, 1] > 0).long()
-    return x, y
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
-
-
-def _train(net, steps=150, lr=0.05):
-    x, y = _data()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
-    for i in range(steps):
-        xb, yb = x[(i % 4) * 64:(i % 4 + 1) * 64], y[(i % 4) * 64:(i % 4 + 1) * 64]
-        loss = F.cross_entropy(net(xb), yb) + bs.regularizer(net) / N
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
-
-
 def test_strong_penalty_removes_units_and_exports_agree(tmp_path):
-    net = bs.sparsify(_mlp(), "group_l0", exclude=["4"], penalty=0.3)
-    _train(net)
+    net = bs.sparsify(toy_mlp(), "group_l0", exclude=["4"], penalty=0.3)
+    train_toy(net, 150)
     bs.threshold_(net, min_density=0)
     rep = bs.report(net)
     assert rep.layers[0].units_kept < 32 and rep.layers[1].units_kept < 16
-    x, _ = _data()
+    x, _ = toy_data()
     y = net(x)
     dense = bs.to_dense(net).eval()
     torch.testing.assert_close(dense(x), y)
-    plain = _mlp().eval()
+    plain = toy_mlp().eval()
     plain.load_state_dict(dense.state_dict())
     torch.testing.assert_close(plain(x), y)
     path = tmp_path / "g.safetensors"
@@ -134,17 +108,17 @@ def test_strong_penalty_removes_units_and_exports_agree(tmp_path):
 
 
 def test_input_gates_on_the_first_layer_remove_input_features():
-    net = bs.sparsify(_mlp(), "group_l0", include=["0"], unit="in", penalty=0.3)
-    _train(net)
+    net = bs.sparsify(toy_mlp(), "group_l0", include=["0"], unit="in", penalty=0.3)
+    train_toy(net, 150)
     bs.threshold_(net, min_density=0)
     alive = net[0].hard_mask().any(dim=0)
     assert alive[:2].all() and alive.sum() < 10  # the informative inputs 0 and 1 stay
 
 
 def test_svi_path_trains():
-    net = bs.sparsify(_mlp(), "group_l0", penalty=0.5)
+    net = bs.sparsify(toy_mlp(), "group_l0", penalty=0.5)
     model = bs.SVIModel(net, num_data=N)
-    x, y = _data()
+    x, y = toy_data()
     before = net[0].log_alpha.detach().clone()
     svi = pyro.infer.SVI(model, model.guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
     losses = [svi.step(x[:64], y[:64]) for _ in range(5)]

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import bayes_sparse as bs
-from tests.cases import CASE_IDS, LAYER_CASES
+from tests.cases import CASE_IDS, LAYER_CASES, TOY_N, toy_data, toy_mlp, train_toy
 
-N = 256
+N = TOY_N
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
 
@@ -89,39 +89,14 @@ def test_training_noise_is_one_scale_per_example_and_channel():
     assert z.mean().item() == pytest.approx(1.0, abs=0.06) and z.std().item() == pytest.approx(1.0, abs=0.06)
 
 
-def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 10, generator=g)
-    y = (x[:, 0] + x[:, 1] > 0).long()
-    return x, y
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
-
-
-def _train(net, steps=200, lr=0.05, kl_scale=1.0):
-    x, y = _data()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
-    for i in range(steps):
-        xb, yb = x[(i % 4) * 64:(i % 4 + 1) * 64], y[(i % 4) * 64:(i % 4 + 1) * 64]
-        loss = F.cross_entropy(net(xb), yb) + kl_scale * bs.regularizer(net) / N
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
-
-
 @pytest.mark.parametrize("per_weight", [False, True])
 def test_training_removes_units_and_exports_agree(tmp_path, per_weight):
-    net = bs.sparsify(_mlp(), "group_vd", exclude=["4"], per_weight=per_weight)
-    _train(net, kl_scale=1.0 if per_weight else 10.0)  # the per-weight KL is ~30x larger: no extra push
+    net = bs.sparsify(toy_mlp(), "group_vd", exclude=["4"], per_weight=per_weight)
+    train_toy(net, 200, reg_scale=1.0 if per_weight else 10.0)  # the per-weight KL is ~30x larger: no extra push
     bs.threshold_(net, min_density=0)
     rep = bs.report(net)
     assert rep.layers[0].units_kept < 32 and rep.layers[1].units_kept < 16
-    x, y_true = _data()
+    x, y_true = toy_data()
     y = net(x)
     assert (y.argmax(1) == y_true).float().mean() > 0.9
     dense = bs.to_dense(net).eval()
@@ -135,9 +110,9 @@ def test_training_removes_units_and_exports_agree(tmp_path, per_weight):
 
 
 def test_svi_loss_is_the_elbo_by_hand_and_trains():
-    net = bs.sparsify(_mlp(), "group_vd")
+    net = bs.sparsify(toy_mlp(), "group_vd")
     model = bs.SVIModel(net, num_data=N)
-    x, y = _data()
+    x, y = toy_data()
     xb, yb = x[:32], y[:32]
     pyro.set_rng_seed(1)
     loss = pyro.infer.Trace_ELBO().loss(model, model.guide, xb, yb)
