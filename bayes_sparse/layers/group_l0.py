@@ -27,7 +27,7 @@ from .._validation import check_number
 from ..distributions import HardConcrete
 from . import _units as U
 from .base import COMMON_OPTIONS, Option, SparseLayer, penalty_alias
-from .l0 import DEFAULT_DROPRATE_INIT, DEFAULT_L0_PENALTY
+from .l0 import DEFAULT_L0_PENALTY, L0
 
 __all__ = ["GroupL0", "GroupL0Conv1d", "GroupL0Conv2d", "GroupL0Conv3d", "GroupL0Linear"]
 
@@ -66,8 +66,7 @@ class GroupL0(SparseLayer):
         "penalty": Option(DEFAULT_L0_PENALTY,
                           lambda v, n: check_number(v, n, low=0.0, hint="The paper uses 0.1 (i.e. 0.1/N)."),
                           "group expected-L0 penalty strength (per weight of a group), units of 1/N"),
-        "droprate_init": Option(DEFAULT_DROPRATE_INIT, lambda v, n: check_number(v, n, low=1e-6, high=1 - 1e-6),
-                                "initial gate drop rate"),
+        "droprate_init": L0.options["droprate_init"],
     }
     penalty_strength = penalty_alias
 

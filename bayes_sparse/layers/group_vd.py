@@ -29,7 +29,7 @@ from .. import functional as BF
 from .._validation import check_number
 from . import _units as U
 from .base import COMMON_OPTIONS, Option, SparseLayer
-from .vd import DEFAULT_LOG_ALPHA_THRESHOLD, INIT_LOG_SIGMA2, _check_alpha_cap
+from .vd import DEFAULT_LOG_ALPHA_THRESHOLD, INIT_LOG_SIGMA2, _check_alpha_cap, cap_initial_log_alpha_
 
 __all__ = ["GroupVD", "GroupVDConv1d", "GroupVDConv2d", "GroupVDConv3d", "GroupVDLinear", "INIT_LOG_ALPHA_Z"]
 
@@ -103,11 +103,8 @@ class GroupVD(SparseLayer):
 
     def init_from_dense(self) -> None:
         self.init_parameters()
-        if self.per_weight and self.init_log_alpha_max is not None:
-            with torch.no_grad():
-                w = self.raw_weight
-                cap = torch.log(w * w + BF._THETA2_EPS) + self.init_log_alpha_max
-                torch.minimum(self.log_sigma2, cap, out=self.log_sigma2)
+        if self.per_weight:
+            cap_initial_log_alpha_(self.log_sigma2, self.raw_weight, self.init_log_alpha_max)
 
     @property
     def log_alpha_z(self) -> Tensor:

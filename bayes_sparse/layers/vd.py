@@ -10,6 +10,7 @@ prior, read with :func:`bayes_sparse.kl`, enters the ELBO.
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +19,8 @@ from .. import functional as BF
 from .._validation import check_number
 from .base import COMMON_OPTIONS, Option, SparseLayer
 
-__all__ = ["DEFAULT_LOG_ALPHA_THRESHOLD", "INIT_LOG_SIGMA2", "VD", "VDConv1d", "VDConv2d", "VDConv3d", "VDLinear"]
+__all__ = ["DEFAULT_LOG_ALPHA_THRESHOLD", "INIT_LOG_SIGMA2", "VD", "VDConv1d", "VDConv2d", "VDConv3d", "VDLinear",
+           "cap_initial_log_alpha_"]
 
 #: Weights with log alpha at or above this value are pruned (official code and paper).
 DEFAULT_LOG_ALPHA_THRESHOLD = 3.0
@@ -31,6 +33,15 @@ def _check_alpha_cap(value, name):
         return None
     return check_number(value, name, low=-BF.LOG_ALPHA_CLIP, high=DEFAULT_LOG_ALPHA_THRESHOLD - 1e-3,
                         hint="It must stay below the pruning threshold 3, or be None for no cap.")
+
+
+def cap_initial_log_alpha_(log_sigma2: Tensor, weight: Tensor, log_alpha_max: Optional[float]) -> None:
+    """Lower ``log_sigma2`` in place where the weight's log alpha would exceed ``log_alpha_max`` (``None``: no cap),
+    so that no converted weight starts near pruning."""
+    if log_alpha_max is None:
+        return
+    with torch.no_grad():
+        torch.minimum(log_sigma2, torch.log(weight * weight + BF._THETA2_EPS) + log_alpha_max, out=log_sigma2)
 
 
 class VD(SparseLayer):
@@ -78,10 +89,7 @@ class VD(SparseLayer):
     def init_from_dense(self) -> None:
         with torch.no_grad():
             self.log_sigma2.fill_(self.init_log_sigma2)
-            if self.init_log_alpha_max is not None:
-                w = self.raw_weight
-                cap = torch.log(w * w + BF._THETA2_EPS) + self.init_log_alpha_max
-                torch.minimum(self.log_sigma2, cap, out=self.log_sigma2)
+        cap_initial_log_alpha_(self.log_sigma2, self.raw_weight, self.init_log_alpha_max)
 
     @property
     def log_alpha(self) -> Tensor:
