@@ -30,7 +30,6 @@ from pathlib import Path
 import pyro
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import bayes_sparse as bs
@@ -38,7 +37,7 @@ import bayes_sparse as bs
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from lenet300_mnist import PAPER as VD_PAPER  # noqa: E402
-from lenet300_mnist import _plot, default_warmup, lenet300  # noqa: E402
+from lenet300_mnist import _plot, default_warmup, export_and_report, lenet300  # noqa: E402
 from mnist_methods import DEFAULTS, PAPER, WARMUP, build  # noqa: E402
 
 
@@ -137,18 +136,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device 
     if not lead:
         return None
 
-    dense = bs.to_dense(net)
-    original = lenet300(nn.Linear)
-    original.load_state_dict(dense.state_dict())  # the export loads into the unmodified architecture
-    err_sparse = bs.error_rate(net, mnist.x_test, mnist.y_test)
-    err_dense = bs.error_rate(original, mnist.x_test, mnist.y_test)
-    rep = bs.report(original, test_error_percent=round(100 * err_dense, 3), epochs=args.epochs,
-                    train_seconds=round(seconds, 1))
-    print(rep)
+    rep, err_dense = export_and_report(net, mnist, args.epochs, seconds)
     print(f"test error {100 * err_dense:.2f}%, compression {rep.compression:.1f}x, {world} ranks, "
           f"{seconds:.0f} s; the parameters and masks are identical on every rank")
-    if err_sparse != err_dense:  # pragma: no cover - would be a bug in the export
-        print(f"WARNING: sparse model error {err_sparse} != exported model error {err_dense}", file=sys.stderr)
 
     result = {
         "net": "LeNet-300-100", "method": f"{args.method} (Pyro SVI, Trace_ELBO, DistributedDataParallel)",

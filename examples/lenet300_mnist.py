@@ -58,6 +58,22 @@ def default_warmup(epochs: int) -> tuple[int, int]:
     return round(epochs * 0.025), max(1, round(epochs * 0.1))
 
 
+def export_and_report(net: nn.Module, mnist: bs.data.MNIST, epochs: int, seconds: float
+                      ) -> tuple[bs.SparsityReport, float]:
+    """Load the thresholded ``net``'s dense export into an unmodified LeNet-300-100, print its report; returns the
+    report and the export's test error (warning on stderr if the sparse model's error differs)."""
+    original = lenet300(nn.Linear)
+    original.load_state_dict(bs.to_dense(net).state_dict())  # the export loads into the unmodified architecture
+    err_sparse = bs.error_rate(net, mnist.x_test, mnist.y_test)
+    err_dense = bs.error_rate(original, mnist.x_test, mnist.y_test)
+    rep = bs.report(original, test_error_percent=round(100 * err_dense, 3), epochs=epochs,
+                    train_seconds=round(seconds, 1))
+    print(rep)
+    if err_sparse != err_dense:  # pragma: no cover - would be a bug in the export
+        print(f"WARNING: sparse model error {err_sparse} != exported model error {err_dense}", file=sys.stderr)
+    return rep, err_dense
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -93,16 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
 
     bs.threshold_(net, log_alpha=args.threshold)
-    dense = bs.to_dense(net)
-    original = lenet300(nn.Linear)
-    original.load_state_dict(dense.state_dict())  # the export loads into the unmodified architecture
-    err_sparse = bs.error_rate(net, mnist.x_test, mnist.y_test)
-    err_dense = bs.error_rate(original, mnist.x_test, mnist.y_test)
-    rep = bs.report(original, test_error_percent=round(100 * err_dense, 3), epochs=args.epochs,
-                    train_seconds=round(seconds, 1))
-    print(rep)
-    if err_sparse != err_dense:  # pragma: no cover - would be a bug in the export
-        print(f"WARNING: sparse model error {err_sparse} != exported model error {err_dense}", file=sys.stderr)
+    rep, err_dense = export_and_report(net, mnist, args.epochs, seconds)
 
     result = {
         "net": "LeNet-300-100", "method": "Sparse VD (Pyro SVI, Trace_ELBO)", "dataset": "MNIST 60k/10k",
