@@ -38,6 +38,11 @@ def plot_tradeoff(groups: list[Group], net: str, path: Path) -> Path:
     ax.set_title(f"{net}: error vs compression (mean ± 95% CI over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (120 dpi) and close a figure; returns its path."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -59,10 +64,7 @@ def plot_density(groups: list[Group], net: str, path: Path) -> Path:
     ax.set_title(f"{net}: per-layer density")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_histograms(groups: list[Group], net: str, path: Path) -> Path:
@@ -77,10 +79,7 @@ def plot_histograms(groups: list[Group], net: str, path: Path) -> Path:
     ax.set_ylabel("fraction of weights")
     ax.set_title(f"{net}: log alpha before thresholding")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_all(groups: list[Group], out: Path) -> list[Path]:
