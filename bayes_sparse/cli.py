@@ -87,7 +87,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.readme is not None:
         from .bench.report import update_readme
 
-        print(f"updated {update_readme(args.readme, args.results, args.out)}")
+        print(f"updated {update_readme(args.readme, written)}")
     return 0
 
 

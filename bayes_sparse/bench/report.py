@@ -100,7 +100,8 @@ def write_report(results: Union[str, Path], out: Optional[Union[str, Path]] = No
         out: Output folder (default: the results file's folder).
 
     Returns:
-        ``{"summary": path, "json": path, "plots": [paths]}`` (no plots without matplotlib, with a warning).
+        ``{"summary": path, "json": path, "plots": [paths], "rows": the results' records}`` (no plots without
+        matplotlib, with a warning).
     """
     results = Path(results)
     out = Path(out) if out is not None else results.parent
@@ -122,7 +123,7 @@ def write_report(results: Union[str, Path], out: Optional[Union[str, Path]] = No
         plots: list[Path] = []
     else:
         plots = plot_all(groups, out)
-    return {"summary": summary, "json": as_json, "plots": plots}
+    return {"summary": summary, "json": as_json, "plots": plots, "rows": rows}
 
 
 def readme_block(rows: list[dict[str, Any]], summary: str, plot: Optional[Path], base: Path) -> str:
@@ -144,17 +145,16 @@ def readme_block(rows: list[dict[str, Any]], summary: str, plot: Optional[Path],
     return "\n".join(lines)
 
 
-def update_readme(readme: Union[str, Path], results: Union[str, Path], out: Optional[Union[str, Path]] = None
-                  ) -> Path:
-    """Write the report (:func:`write_report`) and put its table and plot into ``readme`` between the lines
-    ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` (NAME: the config's name).
+def update_readme(readme: Union[str, Path], written: dict[str, Any]) -> Path:
+    """Put the table and the tradeoff plot of a written report (:func:`write_report`'s return value) into
+    ``readme`` between the lines ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` (NAME: the
+    config's name).
 
     Raises:
         ValueError: the markers are missing or out of order (the message shows the lines to add).
     """
     readme = Path(readme)
-    written = write_report(results, out)
-    rows = read_results(results)
+    rows = written["rows"]
     name = rows[0].get("config_name")
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     text = readme.read_text()
