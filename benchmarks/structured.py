@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bayes_sparse as bs
+from bayes_sparse.bench import metrics as bench_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mnist_methods import NETS  # noqa: E402
@@ -172,9 +173,7 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
     """Threshold (already done), shrink, check, time."""
     torch.set_num_threads(1)
     sparse.eval()
-    dense_original = NETS[net_name]().eval()
     exported = bs.to_dense(sparse).eval()
-    dense_original.load_state_dict(exported.state_dict())
     example = data.x_test[:8]
     shrunk = bs.export.shrink(exported, example)
     err_sparse = bs.error_rate(sparse, data.x_test, data.y_test)
@@ -215,22 +214,8 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
 
 
 def macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward (Linear and Conv layers), counted with forward hooks."""
-    total = 0
-
-    def hook(m, inputs, out):
-        nonlocal total
-        if isinstance(m, nn.Linear):
-            total += m.in_features * m.out_features * (out.numel() // out.shape[-1])
-        elif isinstance(m, nn.Conv2d):
-            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return total
+    """Multiply-accumulates of one forward of ``x[:1]`` through the Linear and Conv layers (every weight counted)."""
+    return bench_metrics.macs(model, x)["dense"]
 
 
 def plot() -> None:
