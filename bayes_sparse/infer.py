@@ -643,9 +643,10 @@ def fit_svi(model: SVIModel, batches: Callable[[], Iterable[tuple[Tensor, Tensor
             progress: bool = True, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
             on_epoch_start: Optional[Callable[[int], None]] = None,
             on_step_end: Optional[Callable[[float], None]] = None) -> list[dict]:
-    """Train an :class:`SVIModel` with ``Trace_ELBO`` and Adam (one optimizer, per-epoch learning rates), guarded against NaN/inf.
+    """Train an :class:`SVIModel` with ``Trace_ELBO`` and one Adam (per-epoch learning rates), guarded against NaN/inf.
 
-    Each step is ``pyro.infer.SVI.step`` with a check between the gradients and the update: the loss, every
+    Each step is an :class:`SVIStep` (``pyro.infer.SVI.step``'s work with a check between the gradients and
+    the update, and one fused Adam for every parameter): the loss, every
     gradient and every parameter must be finite, else it raises ``FloatingPointError`` naming the epoch,
     the step and the first parameter (and its layer) that went non-finite, before the optimizer writes
     anything: the parameters and Adam's state keep the last good step's values.
