@@ -48,8 +48,16 @@ def on_epoch_start(model: nn.Module, epoch: int, epochs: int) -> nn.Module:
     epochs = check_positive_int(epochs, "epochs")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < epochs:
         raise ValueError(f"epoch must be an int in [0, {epochs}) (0-based, below epochs={epochs}), got {epoch!r}")
+    by_method: dict[str, list] = {}
     for name, layer in sparse_layers(model):  # a shared layer once
         _call(name, layer, "on_epoch_start", epoch, epochs)
+        by_method.setdefault(layer.method, []).append((name, layer))
+    for method, layers in by_method.items():  # model-level schedules (global magnitude rounds)
+        try:
+            type(layers[0][1]).on_epoch_start_model(layers, epoch, epochs)
+        except Exception as e:
+            raise RuntimeError(f"the model-level on_epoch_start hook of method {method!r} failed on layers "
+                               f"{[n or '(root)' for n, _ in layers]}: {type(e).__name__}: {e}") from e
     return model
 
 

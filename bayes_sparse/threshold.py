@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import check_number, check_positive_int
-from .layers.base import sparse_layers, top_k_mask
+from .layers.base import global_top_k_masks, sparse_layers, top_k_mask
 from .layers.magnitude import sparsity_schedule
 
 __all__ = ["SCOPES", "iterative_magnitude_prune_", "sparsity_schedule", "threshold_"]
@@ -111,13 +111,8 @@ def threshold_(model: nn.Module, threshold: Optional[float] = None, *, sparsity:
         if len(kinds) > 1:
             raise ValueError(f"scope='global' ranks keep-scores across layers, which only compare within one "
                              f"method; this model mixes {kinds}. Use scope='layer'")
-        scores = [layer.ranking_score() for _, layer in layers]
-        flat = torch.cat([s.flatten() for s in scores])
-        keep = top_k_mask(flat, flat.numel() - round(sparsity * flat.numel())).flatten()
-        offset = 0
-        for (name, _), s in zip(layers, scores):
-            masks[name] = keep[offset:offset + s.numel()].view_as(s)
-            offset += s.numel()
+        kept = global_top_k_masks([layer.ranking_score() for _, layer in layers], sparsity)
+        masks.update((name, m) for (name, _), m in zip(layers, kept))
     else:
         for name, layer in layers:
             if sparsity is not None:

@@ -128,6 +128,18 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
     return mask.view_as(score)
 
 
+def global_top_k_masks(scores: "list[Tensor]", sparsity: float) -> "list[Tensor]":
+    """Masks shaped like ``scores`` keeping the ``1 - sparsity`` highest entries of all of them ranked together
+    (global magnitude pruning, Gale et al. 2019)."""
+    flat = torch.cat([s.flatten() for s in scores])
+    keep = top_k_mask(flat, flat.numel() - round(sparsity * flat.numel()))
+    out, offset = [], 0
+    for s in scores:
+        out.append(keep[offset:offset + s.numel()].view_as(s))
+        offset += s.numel()
+    return out
+
+
 class ParameterHolder(nn.Module):
     """Stand-in "layer" holding one parameter of another module as its ``weight``.
 
@@ -247,6 +259,12 @@ class SparseLayer:
         """Schedule hook run by :func:`bayes_sparse.on_epoch_start` before each epoch; sets the warm-up
         weight of the regularizer. Methods extend it (``super().on_epoch_start(...)`` first)."""
         self.reg_weight = warmup_weight(epoch, epochs, self.warmup)
+
+    @classmethod
+    def on_epoch_start_model(cls, layers: "list[tuple[str, SparseLayer]]", epoch: int, epochs: int) -> None:
+        """Model-level schedule hook, run by :func:`bayes_sparse.on_epoch_start` after every layer's own hook,
+        once per method with all of the model's layers of that method (a schedule that needs them together,
+        e.g. global magnitude pruning, lives here). By default nothing."""
 
     def after_step(self, lr: float, num_data: int) -> None:
         """Schedule hook run by :func:`bayes_sparse.after_step` after each optimizer step."""

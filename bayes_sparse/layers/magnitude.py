@@ -6,6 +6,9 @@ uses give a target sparsity, one-shot
 (``threshold_(model, sparsity=0.9)``), iteratively through the ``on_epoch_start`` hook (option
 ``target_sparsity``: Zhu and Gupta's cubic schedule in ``rounds`` rounds between ``prune_start`` and
 ``prune_end``, fine-tuning in between), or with :func:`bayes_sparse.iterative_magnitude_prune_`.
+The schedule prunes each layer to the target (``scope="layer"``) or ranks ``|w|`` over all the model's
+magnitude layers together (``scope="global"``, Gale et al. 2019: small layers such as a classifier are not
+forced to the same sparsity as the big ones, which is what a tuned magnitude baseline does).
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .._validation import check_number, check_positive_int
-from .base import COMMON_OPTIONS, Option, SparseLayer, top_k_mask
+from .base import COMMON_OPTIONS, Option, SparseLayer, global_top_k_masks, top_k_mask
 
-__all__ = ["Magnitude", "MagnitudeConv1d", "MagnitudeConv2d", "MagnitudeConv3d", "MagnitudeLinear",
+__all__ = ["SCOPES", "Magnitude", "MagnitudeConv1d", "MagnitudeConv2d", "MagnitudeConv3d", "MagnitudeLinear",
            "pruning_rounds", "sparsity_schedule"]
 
 DEFAULT_QUALITY = 1.0
@@ -45,6 +48,16 @@ def _check_target(v, n):
     return v
 
 
+SCOPES = ("layer", "global")
+
+
+def _check_scope(v, n):
+    if v not in SCOPES:
+        raise ValueError(f"{n} must be 'layer' (each layer pruned to the target) or 'global' (one ranking of |w| "
+                         f"over all the model's magnitude layers), got {v!r}")
+    return str(v)
+
+
 class Magnitude(SparseLayer):
     """Magnitude pruning.
 
@@ -56,6 +69,10 @@ class Magnitude(SparseLayer):
         rounds: Number of pruning rounds (>= 1).
         prune_start, prune_end: The rounds lie between these fractions of the epochs (default: the second
             half of training, dense before).
+        scope: ``"layer"`` (default): each round prunes every layer to the schedule's sparsity; ``"global"``:
+            each round ranks ``|w|`` over all the model's magnitude layers with ``scope="global"`` together
+            (they must share ``target_sparsity``, ``rounds``, ``prune_start`` and ``prune_end``), run by
+            :func:`bayes_sparse.on_epoch_start`.
         warmup: See :data:`bayes_sparse.layers.base.COMMON_OPTIONS` (no effect: no regularizer).
 
     Example:
@@ -78,6 +95,7 @@ class Magnitude(SparseLayer):
         "rounds": Option(4, lambda v, n: check_positive_int(v, n), "pruning rounds"),
         "prune_start": Option(0.5, lambda v, n: check_number(v, n, low=0.0, high=1.0), "first round (fraction)"),
         "prune_end": Option(1.0, lambda v, n: check_number(v, n, low=0.0, high=1.0), "rounds end (fraction)"),
+        "scope": Option("layer", _check_scope, "'layer': per-layer rounds; 'global': one ranking over layers"),
     }
 
     def keep_score(self) -> Tensor:
@@ -89,6 +107,12 @@ class Magnitude(SparseLayer):
         w = self.raw_weight
         if threshold is not None:
             return w.abs() > self.check_threshold(threshold, 0.0)
+        if self.target_sparsity is not None and self.scope == "global":
+            if not self.mask_fixed:
+                raise ValueError("a global magnitude schedule's criterion needs the whole model and its schedule "
+                                 "has not pruned yet; train through bayes_sparse.on_epoch_start (fit_svi does), "
+                                 "or threshold with threshold_(model, sparsity=..., scope='global')")
+            return self.weight_mask.clone()  # what the global rounds kept
         if self.target_sparsity is not None:
             score = self.ranking_score()
             return top_k_mask(score, score.numel() - round(self.target_sparsity * score.numel()))
@@ -100,11 +124,30 @@ class Magnitude(SparseLayer):
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Prune to the schedule's sparsity at the round epochs (when ``target_sparsity`` is set)."""
         super().on_epoch_start(epoch, epochs)
-        if self.target_sparsity is None:
+        if self.target_sparsity is None or self.scope == "global":
             return
         rounds = pruning_rounds(epochs, self.target_sparsity, self.rounds, self.prune_start, self.prune_end)
         if epoch in rounds:
             self.prune_to_(rounds[epoch])
+
+    @classmethod
+    def on_epoch_start_model(cls, layers, epoch: int, epochs: int) -> None:
+        """The global rounds: at a round epoch, keep the schedule's fraction of the highest ``|w|`` of all
+        layers with ``scope="global"`` ranked together (weights pruned before stay pruned)."""
+        group = [(n, l) for n, l in layers if l.scope == "global" and l.target_sparsity is not None]
+        if not group:
+            return
+        keys = {(l.target_sparsity, l.rounds, l.prune_start, l.prune_end) for _, l in group}
+        if len(keys) > 1:
+            raise ValueError("magnitude layers with scope='global' must share target_sparsity, rounds, prune_start "
+                             f"and prune_end to be ranked together; got {sorted(keys)} on "
+                             f"{[n or type(l).__name__ for n, l in group]}. Give them the same options")
+        target, rounds, start, end = keys.pop()
+        schedule = pruning_rounds(epochs, target, rounds, start, end)
+        if epoch in schedule:
+            scores = [l.ranking_score() for _, l in group]
+            for (_, layer), score, mask in zip(group, scores, global_top_k_masks(scores, schedule[epoch])):
+                layer.set_mask_(mask & (score > float("-inf")))
 
 
 MagnitudeLinear = Magnitude[nn.Linear]

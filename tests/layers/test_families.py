@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bayes_sparse as bs
+from bayes_sparse.layers.magnitude import pruning_rounds
 from bayes_sparse import functional as BF
 from tests.cases import CASE_IDS, LAYER_CASES
 
@@ -253,6 +254,49 @@ def test_log_alpha_threshold_needs_vd_layers_and_dtype_of_empty_sums():
     with pytest.raises(ValueError, match=r"log_alpha=5.0 applies to methods whose threshold is a log alpha \(Sparse VD\), and this model has \['l1'\]"):
         bs.threshold_(bs.L1Linear(10, 10), log_alpha=5.0)
     assert bs.kl(nn.Linear(2, 2).double()).dtype == torch.float64
+
+
+def test_global_magnitude_schedule_ranks_all_layers_together():
+    """scope='global': each round keeps the schedule's fraction of the largest |w| over both layers, checked
+    against a ranking done here by hand; the small classifier keeps a larger share than the per-layer scope."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 3))
+    with torch.no_grad():
+        dense[2].weight.mul_(4.0)  # the classifier's weights are larger, as after training
+    opts = dict(target_sparsity=0.9, rounds=3, prune_start=0.0, prune_end=0.6)
+    net = bs.sparsify(dense, method="magnitude", scope="global", **opts)
+    per_layer = bs.sparsify(dense, method="magnitude", **opts)
+    epochs = 10
+    schedule = pruning_rounds(epochs, 0.9, 3, 0.0, 0.6)
+    for epoch in range(epochs):
+        before = [layer.ranking_score().clone() for _, layer in bs.sparse_layers(net)]
+        bs.on_epoch_start(net, epoch, epochs)
+        bs.on_epoch_start(per_layer, epoch, epochs)
+        if epoch in schedule:
+            flat = torch.cat([b.flatten() for b in before])
+            keep = flat.numel() - round(schedule[epoch] * flat.numel())
+            cut = flat.sort(descending=True).values[keep - 1]
+            for (_, layer), b in zip(bs.sparse_layers(net), before):
+                assert torch.equal(layer.weight_mask, b >= cut)
+        with torch.no_grad():  # training moves the weights between rounds; pruned ones must stay pruned
+            for _, layer in bs.sparse_layers(net):
+                layer.raw_weight.add_(0.05 * torch.randn_like(layer.raw_weight))
+    masks = [layer.weight_mask for _, layer in bs.sparse_layers(net)]
+    assert sum(int(m.sum()) for m in masks) == 1290 - round(0.9 * 1290)
+    assert masks[1].float().mean() > 0.3 > [l.weight_mask for _, l in bs.sparse_layers(per_layer)][1].float().mean()
+    assert bs.threshold_(net)["0"] == pytest.approx(float(masks[0].float().mean()))  # the criterion keeps them
+
+
+def test_global_magnitude_refuses_what_it_cannot_rank():
+    net = bs.sparsify(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)), method="magnitude",
+                      scope="global", target_sparsity=0.5)
+    with pytest.raises(ValueError, match="has not pruned yet"):
+        bs.threshold_(net)
+    net[2].set_options_(target_sparsity=0.8)
+    with pytest.raises(RuntimeError, match="must share target_sparsity"):
+        bs.on_epoch_start(net, 5, 10)
+    with pytest.raises(ValueError, match="scope must be 'layer'"):
+        bs.sparsify(nn.Linear(3, 2), method="magnitude", scope="all")
 
 
 def test_iterative_pruning_rejects_bad_arguments_up_front():
