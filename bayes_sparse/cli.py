@@ -1,6 +1,8 @@
-"""The ``bayes-sparse`` command: ``bench`` (run a config), ``report`` (aggregate results), ``inspect`` (a saved file).
+"""The ``bayes-sparse`` command: ``bench`` (run a config), ``measure`` (time its saved models afterwards),
+``report`` (aggregate results), ``inspect`` (a saved file).
 
     bayes-sparse bench benchmarks/configs/smoke.toml --out runs/smoke --jobs 2
+    bayes-sparse measure runs/smoke/results.jsonl
     bayes-sparse report runs/smoke/results.jsonl
     bayes-sparse inspect runs/smoke/models/<run>.safetensors
 
@@ -46,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--readme", type=Path, default=None,
                    help="also put the table and the error-vs-compression plot into this README, between the lines "
                         "<!-- bench:NAME:start --> and <!-- bench:NAME:end --> (NAME: the config's name)")
+    m = sub.add_parser("measure", help="time the saved models of a finished sweep (alone on the machine), into "
+                                       "latency.jsonl beside the results; report merges it")
+    m.add_argument("results", type=Path)
+    m.add_argument("--rounds", type=int, default=7, help="interleaved rounds per measurement (median)")
+    m.add_argument("--force", action="store_true", help="time the runs already in latency.jsonl again")
+    m.add_argument("--no-shrunk", action="store_true", help="do not time the shrunk models")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("inspect", help="per-tensor table of a file written by bayes_sparse.export.save")
     i.add_argument("model", type=Path)
     return p
@@ -91,6 +100,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure(args: argparse.Namespace) -> int:
+    from .bench.measure import measure
+
+    start = time.perf_counter()
+    result = measure(args.results, rounds=args.rounds, force=args.force, progress=not args.no_progress,
+                     shrunk=not args.no_shrunk)
+    print(f"timed {len(result.measured)} run(s), {len(result.skipped)} already in {result.path} "
+          f"({time.perf_counter() - start:.0f} s); next: bayes-sparse report {args.results}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .export import describe_file
 
@@ -104,7 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
-        return {"bench": _bench, "report": _report, "inspect": _inspect}[args.command](args)
+        return {"bench": _bench, "report": _report, "measure": _measure,
+                "inspect": _inspect}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:  # bad input: one clear line, no traceback
         print(f"bayes-sparse {args.command}: error: {e}", file=sys.stderr)
         return 2

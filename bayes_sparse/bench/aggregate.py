@@ -14,6 +14,7 @@ __all__ = ["METRICS", "Group", "Stat", "aggregate", "mean_ci", "pareto_front"]
 #: Metrics aggregated over seeds: record key -> label.
 METRICS = {"test_error": "test error", "val_error": "val error", "compression": "compression",
            "flop_reduction": "FLOP reduction", "speedup_batch1": "speedup b=1", "speedup_batch64": "speedup b=64",
+           "speedup_shrunk_batch1": "shrunk b=1", "speedup_shrunk_batch64": "shrunk b=64",
            "units_kept_total": "units kept", "train_seconds": "train s"}
 
 

@@ -16,8 +16,10 @@ __all__ = ["readme_block", "read_results", "summary_markdown", "update_readme", 
 logger = logging.getLogger(__name__)
 
 
-def read_results(path: Union[str, Path]) -> list[dict[str, Any]]:
-    """The run records of a ``results.jsonl`` (a truncated last line is skipped with a warning).
+def read_results(path: Union[str, Path], merge_latency: bool = True) -> list[dict[str, Any]]:
+    """The run records of a ``results.jsonl`` (a truncated last line is skipped with a warning), with the
+    latencies timed afterwards by ``bayes-sparse measure`` (``latency.jsonl`` beside it) merged in unless
+    ``merge_latency`` is False.
 
     Raises:
         FileNotFoundError: no such file.
@@ -44,6 +46,10 @@ def read_results(path: Union[str, Path]) -> list[dict[str, Any]]:
                          "config's file at a time")
     if not rows:
         raise ValueError(f"{path} holds no finished run")
+    if merge_latency:
+        from .measure import merge_latency as merge
+
+        rows = merge(rows, path)
     return rows
 
 
@@ -61,10 +67,11 @@ def summary_markdown(groups: list[Group], title: str = "Benchmark") -> str:
     lines = [f"# {title}", "",
              "Mean ± half-width of the 95% Student-t confidence interval over seeds (n = seeds; no interval for "
              "n = 1). Errors in %; compression = total / non-zero weights; FLOP reduction = dense / kept MACs; "
-             "speedups = dense / compiled (`kernel=\"auto\"`) CPU latency, one thread.", "",
+             "speedups = dense / compiled (`kernel=\"auto\"`) CPU latency, one thread; shrunk = dense / physically "
+             "shrunk model (`export.shrink`, plain torch), for runs that removed whole units.", "",
              "| net | method | strength | seeds | test error % | val error % | compression | FLOP reduction | "
-             "speedup b=1 | speedup b=64 | units kept | kept per layer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "speedup b=1 | speedup b=64 | shrunk b=1 | shrunk b=64 | units kept | kept per layer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         s = g.stats
         lines.append(f"| {g.net} | {g.method} | {g.strength}={g.value:g} | {len(g.seeds)} | "
@@ -72,6 +79,8 @@ def summary_markdown(groups: list[Group], title: str = "Benchmark") -> str:
                      f"{_fmt(s.get('compression'), digits=1, suffix='x')} | "
                      f"{_fmt(s.get('flop_reduction'), digits=1, suffix='x')} | "
                      f"{_fmt(s.get('speedup_batch1'), suffix='x')} | {_fmt(s.get('speedup_batch64'), suffix='x')} | "
+                     f"{_fmt(s.get('speedup_shrunk_batch1'), suffix='x')} | "
+                     f"{_fmt(s.get('speedup_shrunk_batch64'), suffix='x')} | "
                      f"{_fmt(s.get('units_kept_total'), digits=0)} | {'-'.join(f'{u:g}' for u in g.units_kept)} |")
     lines += ["", "## Pareto fronts (test error vs compression, means over seeds)", ""]
     for (net, method), gs in _by_net_method(groups).items():
