@@ -190,7 +190,8 @@ def _choose_threshold(net: torch.nn.Module, grid: Any, x_val: torch.Tensor, y_va
 def execute(config: Config, training: Training, out_dir: Union[str, Path], device: str = "cpu", slots: Any = None,
             single_thread: bool = False, progress: bool = False) -> list[dict[str, Any]]:
     """Train once, then threshold, export and measure each run of ``training``; returns their result records
-    (the JSONL lines), in the order of ``training.values``.
+    (the JSONL lines), in the order of ``training.values``. A value whose post-hoc part raised gives
+    ``{"key": ..., "failed": "Error: message"}`` instead of a record, and the other values still run.
 
     Meant to run in a fresh process (:func:`run_bench` starts one per training); ``slots`` is a queue of tqdm
     bar positions shared by the workers.
@@ -258,8 +259,12 @@ def _execute(config: Config, training: Training, out_dir: Path, device: torch.de
     records = []
     for run in training.runs():
         _set_rng_state(trained_state)
-        records.append(_evaluate(config, run, copy.deepcopy(model), batches, (x_val, y_val, x_test, y_test),
-                                 out_dir, device, bar, shared, wall))
+        try:
+            records.append(_evaluate(config, run, copy.deepcopy(model), batches, (x_val, y_val, x_test, y_test),
+                                     out_dir, device, bar, shared, wall))
+        except Exception as e:  # one failed value does not lose the training's other values
+            logger.error("run %s failed: %s: %s", run.key, type(e).__name__, e)
+            records.append({"key": run.key, "failed": f"{type(e).__name__}: {e}"})
     bar.close()
     return records
 
@@ -452,6 +457,9 @@ def _run_bench(config: Config, out: Path, trainings: list[Training], jobs: int, 
                             failed.append(f"{t.key}: {type(e).__name__}: {e}")
                         else:
                             for row in records:
+                                if "failed" in row:  # a value whose threshold/export/measurement raised
+                                    failed.append(f"{row['key']}: {row['failed']}")
+                                    continue
                                 results.append(row)
                                 ran.append(row["key"])
                             trained.append(t.key)
@@ -462,6 +470,6 @@ def _run_bench(config: Config, out: Path, trainings: list[Training], jobs: int, 
                 raise
     overall.close()
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(todo)} training(s) failed (the runs of the {len(trained)} others "
-                           f"are in {results.path}; rerun with --resume to retry):\n  " + "\n  ".join(failed))
+        raise RuntimeError(f"{len(failed)} training(s) or run(s) failed (the {len(ran)} finished runs are in "
+                           f"{results.path}; rerun with --resume to retry the others):\n  " + "\n  ".join(failed))
     return BenchResult(ran, skipped, results.path, trained)

@@ -296,3 +296,25 @@ def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX)
         with pytest.raises(ValueError, match=r"another bayes-sparse bench is writing to .*one after another"):
             run_bench(parse_config(RAW), tmp_path, progress=False)
+
+
+def test_a_failed_value_keeps_the_other_values_of_its_training(tmp_path, monkeypatch):
+    """A post-hoc value whose threshold/export raises is reported as failed; the training's other values keep
+    their records (the training is not lost)."""
+    from bayes_sparse.bench import runner
+
+    raw = dict(RAW, methods={"vd": {"strength": "threshold", "values": [2.0, 3.0]}}, grid={"nets": ["mlp_tiny"],
+                                                                                           "seeds": [0]})
+    config = parse_config(raw)
+    training = config.trainings()[0]
+    real = runner._evaluate
+
+    def flaky(config, run, *args):
+        if run.value == 2.0:
+            raise RuntimeError("disk full")
+        return real(config, run, *args)
+
+    monkeypatch.setattr(runner, "_evaluate", flaky)
+    records = runner.execute(config, training, tmp_path)
+    assert records[0] == {"key": "mlp_tiny/vd/threshold=2/seed=0", "failed": "RuntimeError: disk full"}
+    assert records[1]["key"] == "mlp_tiny/vd/threshold=3/seed=0" and 0 <= records[1]["test_error"] <= 1
