@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .aggregate import Group  # noqa: E402
 
-__all__ = ["plot_all", "plot_density", "plot_histograms", "plot_tradeoff"]
+__all__ = ["plot_all", "plot_density", "plot_histograms", "plot_speedup", "plot_tradeoff"]
 
 
 def _nets(groups: list[Group]) -> list[str]:
@@ -49,46 +49,100 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _methods(groups: list[Group], net: str) -> list[str]:
+    return sorted({g.method for g in groups if g.net == net})
+
+
 def plot_density(groups: list[Group], net: str, path: Path) -> Path:
-    """Per-layer density (log y) of every (method, strength), mean over seeds."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    names: list[str] = []
-    for g in groups:
-        if g.net == net and g.layer_density:
-            names = [n for n, _ in g.layer_density]
-            ax.plot(range(len(names)), [max(d, 1e-5) for _, d in g.layer_density], marker="o", label=g.label)
-    ax.set_xticks(range(len(names)), names or [])
-    ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("density (kept / total weights)")
-    ax.set_title(f"{net}: per-layer density")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    """Per-layer density (log y), mean over seeds: one panel per method, one line per strength."""
+    methods = [m for m in _methods(groups, net) if any(g.layer_density for g in groups
+                                                        if g.net == net and g.method == m)]
+    cols = min(4, max(1, len(methods)))
+    rows = -(-max(1, len(methods)) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, sharey=True)
+    for ax, method in zip(axes.flat, methods):
+        names: list[str] = []
+        for g in groups:
+            if g.net == net and g.method == method and g.layer_density:
+                names = [n for n, _ in g.layer_density]
+                ax.plot(range(len(names)), [max(d, 1e-5) for _, d in g.layer_density], marker="o",
+                        label=f"{g.strength}={g.value:g}")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yscale("log")
+        ax.set_title(method)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="x-small")
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("density (kept / total)")
+    fig.suptitle(f"{net}: per-layer density (mean over seeds)")
     return _save(fig, path)
 
 
 def plot_histograms(groups: list[Group], net: str, path: Path) -> Path:
-    """Histograms of log alpha (Sparse VD) or gate log alpha (L0), summed over seeds, one curve per strength."""
+    """Histograms of log alpha (Sparse VD) or gate log alpha (L0), summed over seeds, one curve per training
+    (the values of a post-hoc threshold share one training, hence one histogram)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    seen: dict[tuple, list[str]] = {}
     for g in groups:
         if g.net == net and g.log_alpha_hist:
-            edges, counts = g.log_alpha_hist["edges"], g.log_alpha_hist["counts"]
-            total = sum(counts) or 1
-            ax.stairs([c / total for c in counts], edges, label=g.label)
+            key = (g.method, tuple(g.log_alpha_hist["counts"]))
+            seen.setdefault(key, []).append(f"{g.value:g}")
+    for (method, counts), values in seen.items():
+        g = next(x for x in groups if x.net == net and x.method == method and x.log_alpha_hist)
+        total = sum(counts) or 1
+        label = f"{method} ({g.strength} {', '.join(values)})"
+        ax.stairs([c / total for c in counts], g.log_alpha_hist["edges"], label=label)
     ax.set_xlabel("log alpha (VD) / gate log alpha (L0); end bins hold the tails")
     ax.set_ylabel("fraction of weights")
     ax.set_title(f"{net}: log alpha before thresholding")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small")
+    return _save(fig, path)
+
+
+def plot_speedup(groups: list[Group], net: str, path: Path) -> Path:
+    """Measured CPU speedup against the theoretical one (FLOP reduction), batch 1 and batch 64, log-log, with
+    95% CI bars: compiled sparse models (circles) and physically shrunk ones (squares); the diagonal is where
+    measured speed would equal the FLOP count."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    lo, hi = 1.0, 1.0
+    for ax, b in zip(axes, (1, 64)):
+        for i, method in enumerate(_methods(groups, net)):
+            color = f"C{i}"
+            for key, marker, suffix in ((f"speedup_batch{b}", "o", "compiled"),
+                                        (f"speedup_shrunk_batch{b}", "s", "shrunk")):
+                gs = [g for g in groups if g.net == net and g.method == method and key in g.stats
+                      and "flop_reduction" in g.stats]
+                if not gs:
+                    continue
+                x = [g.stats["flop_reduction"].mean for g in gs]
+                y = [g.stats[key].mean for g in gs]
+                ax.errorbar(x, y, yerr=[g.stats[key].half_width or 0.0 for g in gs], fmt=marker, color=color,
+                            capsize=2, label=f"{method} {suffix}", mfc="none" if suffix == "shrunk" else color)
+                lo, hi = min(lo, *x, *y), max(hi, *x, *y)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("theoretical speedup (dense / kept MACs)")
+        ax.set_title(f"batch {b}, one thread")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes:
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="measured = theoretical")
+    axes[0].set_ylabel("measured speedup (dense / sparse latency)")
+    axes[1].legend(fontsize="x-small", ncol=2)
+    fig.suptitle(f"{net}: measured vs theoretical speedup (mean ± 95% CI over seeds)")
     return _save(fig, path)
 
 
 def plot_all(groups: list[Group], out: Path) -> list[Path]:
     """Every plot, per net: ``<net>_tradeoff.png``, ``<net>_density.png``, ``<net>_log_alpha.png`` (when a method
-    has log alpha)."""
+    has log alpha), ``<net>_speedup.png`` (when latencies were measured)."""
     paths = []
     for net in _nets(groups):
         paths.append(plot_tradeoff(groups, net, out / f"{net}_tradeoff.png"))
         paths.append(plot_density(groups, net, out / f"{net}_density.png"))
         if any(g.net == net and g.log_alpha_hist for g in groups):
             paths.append(plot_histograms(groups, net, out / f"{net}_log_alpha.png"))
+        if any(g.net == net and "speedup_batch1" in g.stats for g in groups):
+            paths.append(plot_speedup(groups, net, out / f"{net}_speedup.png"))
     return paths

@@ -103,7 +103,7 @@ def test_report_writes_summary_and_plots(bench_dir, tmp_path, capsys):
     summary = (tmp_path / "summary.md").read_text()
     assert "| mlp_tiny | magnitude | target_sparsity=0.5 | 2 |" in summary and "Pareto fronts" in summary
     assert "2.0x ± 0.0" in summary  # magnitude at 50%: exactly 2x in both seeds
-    for name in ("mlp_tiny_tradeoff.png", "mlp_tiny_density.png", "mlp_tiny_log_alpha.png"):
+    for name in ("mlp_tiny_tradeoff.png", "mlp_tiny_density.png", "mlp_tiny_log_alpha.png", "mlp_tiny_speedup.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in capsys.readouterr().out
 
