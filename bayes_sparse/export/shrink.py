@@ -103,6 +103,92 @@ def _zero_inputs(model: nn.Module, probes: list[tuple]) -> dict[nn.Module, Tenso
     return zero
 
 
+def _layer_outputs(model: nn.Module, probes: list[tuple]) -> tuple[list[nn.Module], dict[nn.Module, list[Tensor]]]:
+    """Every Linear/Conv layer's outputs on the probes, and the layers in the order they first ran."""
+    order: list[nn.Module] = []
+    outs: dict[nn.Module, list[Tensor]] = {}
+
+    def hook(m: nn.Module, inputs: tuple, out: Tensor) -> None:
+        if m not in outs:
+            order.append(m)
+        outs.setdefault(m, []).append(out.detach().clone())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, *_CONV))]
+    try:
+        _run(model, probes)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, outs
+
+
+def _constant_shift(a: list[Tensor], b: list[Tensor], m: nn.Module, atol: float) -> Optional[Tensor]:
+    """The per-output-unit constant ``a - b`` when it is one constant per unit over every example and position of
+    every probe (a Linear/Conv reader's output), else ``None``."""
+    shift = None
+    for x, y in zip(a, b):
+        d = x - y
+        cdim = d.dim() - 1 if isinstance(m, nn.Linear) else 1
+        d = d.movedim(cdim, -1).reshape(-1, d.shape[cdim])
+        c = d[0]
+        if shift is None:
+            shift = c
+        scale = max(1.0, float(x.abs().max()))
+        if not torch.allclose(d, shift.expand_as(d), rtol=0.0, atol=atol * scale):
+            return None
+    return shift
+
+
+def _fold_constant_units(model: nn.Module, probes: list[tuple], names: dict[nn.Module, str], rtol: float,
+                         atol: float) -> int:
+    """Fold the bias of units with zero weights but a non-zero bias (their output is a constant) into the
+    biases of the layers reading them, so that those units become zero and can be removed.
+
+    For each Linear/Conv with such units: their biases are set to 0, then, in execution order, the first
+    layer whose output changed must have changed by one constant per output unit (over every example and
+    position of every probe: a Linear reader, or a Conv reader without padding at those channels) and must have
+    a bias, which takes the constant; repeated until the model's outputs equal the original's on the probes.
+    When a reader is not shifted by a constant (padding, a non-linear reader, the model's output), the layer is
+    restored and its units stay. Returns the number of units folded.
+    """
+    refs = _run(model, probes)
+    order, ref_outs = _layer_outputs(model, probes)
+    folded = 0
+    for layer in [m for m in order if m.bias is not None]:
+        w = layer.weight.detach()
+        const = (w.reshape(w.shape[0], -1) == 0).all(dim=1) & (layer.bias.detach() != 0)
+        if not bool(const.any()) or bool(const.all()):  # nothing to fold, or the whole layer (keep one unit)
+            continue
+        saved = {m: m.bias.detach().clone() for m in order if m.bias is not None}
+        with torch.no_grad():
+            layer.bias[const] = 0.0
+        ok = False
+        for _ in range(len(order)):
+            _, outs = _layer_outputs(model, probes)
+            changed = [m for m in order if m is not layer and m in outs
+                       and not _same([outs[m]], [ref_outs[m]], rtol, atol)]
+            if not changed:
+                ok = _same(_run(model, probes), refs, rtol, atol)
+                break
+            reader = changed[0]
+            shift = _constant_shift(ref_outs[reader], outs[reader], reader, atol)
+            if shift is None or reader.bias is None:
+                break
+            with torch.no_grad():
+                reader.bias += shift.to(reader.bias.dtype)
+        if not ok:
+            with torch.no_grad():
+                for m, b in saved.items():
+                    m.bias.copy_(b)
+            logger.info("shrink: the constant units of %s feed a reader that is not shifted by a constant; kept",
+                        names.get(layer))
+            continue
+        folded += int(const.sum())
+        logger.info("shrink: folded %d constant unit(s) of %s into the layers reading them", int(const.sum()),
+                    names.get(layer))
+    return folded
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, _CONV) and m.groups == m.out_channels and m.out_channels > 1
 
@@ -204,7 +290,10 @@ def shrink(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any]], *, rt
     or ``deepcopy``) and put in eval mode; the copy is traced with Torch-Pruning's ``DependencyGraph`` on
     ``example_inputs``. For each group of coupled channels, the output units that are identically zero
     (a Linear/Conv row with zero weights and bias, or a BatchNorm channel with zero weight and bias) and read
-    as exactly zero by every following layer are removed everywhere in the group. A zero conv channel
+    as exactly zero by every following layer are removed everywhere in the group. A unit with zero weights but
+    a non-zero bias outputs a constant: its contribution is first folded into the biases of the layers that
+    read it, where that keeps the outputs equal (a Linear reader, a Conv reader without padding), and it then
+    goes like the others. A zero conv channel
     followed by a BatchNorm that maps 0 to a non-zero constant is kept (its removal would change the
     output). At least one unit of every layer stays. After each group the outputs on ``example_inputs``
     and three random probes are compared with the original's.
@@ -242,6 +331,7 @@ def shrink(model: nn.Module, example_inputs: Union[Tensor, Sequence[Any]], *, rt
     names = {m: n for n, m in dense.named_modules()}
     before = {n: m.weight.shape[0] for n, m in dense.named_modules() if isinstance(m, (nn.Linear, *_CONV))}
     params_before = sum(p.numel() for p in dense.parameters())
+    _fold_constant_units(dense, probes, names, rtol, atol)
     try:
         with torch.enable_grad():
             dg = tp.DependencyGraph().build_dependency(dense, example_inputs=args if len(args) > 1 else args[0],

@@ -63,6 +63,54 @@ def test_zero_units_read_as_a_nonzero_constant_are_kept():
     _check_same(conv, small, x)
 
 
+def _constant_units(layer, idxs, bias):
+    with torch.no_grad():
+        layer.weight[idxs] = 0
+        layer.bias[idxs] = torch.as_tensor(bias, dtype=layer.bias.dtype)
+
+
+def test_units_with_a_constant_output_are_folded_into_their_readers_biases():
+    """Zero weights but a non-zero bias: the unit outputs a constant, which the next layer's bias absorbs, and the
+    unit goes; the shifted bias is checked against the constant worked out by hand."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    _constant_units(net[0], [1, 3], [0.7, -0.4])  # relu: 0.7 reaches the next layer, -0.4 becomes 0
+    x = torch.randn(8, 6)
+    small = bs.export.shrink(net, x)
+    _check_same(net, small, x)
+    assert [small[0].out_features, small[2].in_features] == [3, 3]
+    torch.testing.assert_close(small[2].bias, net[2].bias + 0.7 * net[2].weight[:, 1])
+    # a constant unit of the last layer is the model's output: kept, outputs equal
+    _constant_units(net[4], [0], [0.3])
+    small = bs.export.shrink(net, x)
+    assert small[4].out_features == 3
+    _check_same(net, small, x)
+
+
+@pytest.mark.parametrize("padding, kept", [(0, 3), (1, 4)])
+def test_constant_conv_channels_fold_unless_padding_makes_them_position_dependent(padding, kept):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=padding), nn.ReLU(),
+                        nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(3, 2, 9, 9)
+    net(x)
+    net.eval()
+    _constant_units(net[0], [2], [0.5])  # zero padding around a constant map is not constant: kept
+    small = bs.export.shrink(net, x)
+    assert small[0].out_channels == kept
+    _check_same(net, small, x)
+
+
+def test_lenet5_constant_channel_folds_through_pooling_and_flatten():
+    torch.manual_seed(0)
+    net = _lenet5().eval()
+    _constant_units(net[4], [5, 9], [0.2, 0.1])  # conv2 channels: constant maps, pooled, flattened into fc1
+    x = torch.rand(4, 784)
+    small = bs.export.shrink(net, x)
+    _check_same(net, small, x)
+    assert small[4].out_channels == 48 and small[8].in_features == 48 * 16
+
+
 def _lenet5():
     return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 500),
