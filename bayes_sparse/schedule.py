@@ -48,16 +48,17 @@ def on_epoch_start(model: nn.Module, epoch: int, epochs: int) -> nn.Module:
     epochs = check_positive_int(epochs, "epochs")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < epochs:
         raise ValueError(f"epoch must be an int in [0, {epochs}) (0-based, below epochs={epochs}), got {epoch!r}")
-    by_method: dict[str, list] = {}
+    by_hook: dict = {}
     for name, layer in sparse_layers(model):  # a shared layer once
         _call(name, layer, "on_epoch_start", epoch, epochs)
-        by_method.setdefault(layer.method, []).append((name, layer))
-    for method, layers in by_method.items():  # model-level schedules (global magnitude rounds)
+        hook = type(layer).on_epoch_start_model  # one call per hook function, with every layer that has it
+        by_hook.setdefault(getattr(hook, "__func__", hook), (hook, []))[1].append((name, layer))
+    for hook, layers in by_hook.values():  # model-level schedules (global magnitude rounds)
         try:
-            type(layers[0][1]).on_epoch_start_model(layers, epoch, epochs)
+            hook(layers, epoch, epochs)
         except Exception as e:
-            raise RuntimeError(f"the model-level on_epoch_start hook of method {method!r} failed on layers "
-                               f"{[n or '(root)' for n, _ in layers]}: {type(e).__name__}: {e}") from e
+            raise RuntimeError(f"the model-level on_epoch_start hook of method {layers[0][1].method!r} failed on "
+                               f"layers {[n or '(root)' for n, _ in layers]}: {type(e).__name__}: {e}") from e
     return model
 
 

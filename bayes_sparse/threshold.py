@@ -143,9 +143,11 @@ def threshold_(model: nn.Module, threshold: Optional[float] = None, *, sparsity:
         layer.set_mask_(mask)
         densities[name] = layer.density
         if densities[name] == 0.0:
+            fix = ("its weights were all pruned before (a fixed mask) and thresholding never brings one back; "
+                   "prune it less earlier" if available == 0 and min_density > 0 else
+                   "use a milder threshold or min_density > 0 to keep it alive")
             warnings.warn(f"layer {label!r} ({type(layer).__name__}) has no weight left after thresholding; its "
-                          f"output is its bias only. Use a milder threshold or min_density > 0 to keep it alive.",
-                          UserWarning, stacklevel=2)
+                          f"output is its bias only: {fix}.", UserWarning, stacklevel=2)
         logger.debug("threshold_: %s density %.4f", name, densities[name])
     return densities
 

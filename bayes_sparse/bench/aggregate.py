@@ -78,8 +78,8 @@ def _units_total(row: dict[str, Any]) -> float:
 
 
 def aggregate(rows: Iterable[dict[str, Any]]) -> list[Group]:
-    """Group run records by (net, method, strength, value) and aggregate every metric of :data:`METRICS`
-    that all of a group's runs have (None values, e.g. skipped latency, are left out)."""
+    """Group run records by (net, method, strength, value) and aggregate every metric of :data:`METRICS` over
+    the runs that have it (None values, e.g. skipped latency, are left out; each :class:`Stat` says its n)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["net"], r["method"], r["strength"], r["value"]), []).append(r)

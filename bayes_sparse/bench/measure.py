@@ -10,8 +10,9 @@ A sweep runs trainings side by side, so a latency timed inside it is timed on a 
   against the dense model, plain torch, interleaved the same way.
 
 Each measured run is appended to ``latency.jsonl`` beside the results (one JSON line per run, ``fsync``-ed, the
-config's hash on every line), so a killed ``measure`` resumes where it stopped; :func:`read_results` merges the
-lines into the run records (they replace a latency measured during the sweep). The load average is recorded
+config's hash and the run record's :func:`fingerprint` on every line), so a killed ``measure`` resumes where it
+stopped; :func:`read_results` merges the lines into the run records they were measured for (they replace a
+latency measured during the sweep; a run redone since is timed again). The load average is recorded
 with each line, and a busy machine is warned about; the sweep's lock is held, so ``measure`` refuses to time
 while a sweep writes to the same folder.
 """
@@ -19,6 +20,8 @@ while a sweep writes to the same folder.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 import platform
@@ -34,7 +37,7 @@ from .. import export
 from .metrics import _time_pair, latency
 from .nets import NETS, load_data
 
-__all__ = ["LATENCY_FILE", "MeasureResult", "measure", "merge_latency", "model_file"]
+__all__ = ["LATENCY_FILE", "MeasureResult", "fingerprint", "measure", "merge_latency", "model_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +120,11 @@ def measure(results: Union[str, Path], rounds: int = 7, force: bool = False, pro
     rows = read_results(results, merge_latency=False)
     config_hash = rows[0]["config_hash"]
     out = ResultsFile(results.parent / LATENCY_FILE, config_hash)
-    with _lock(results.parent):
-        done = {r["key"] for r in out.read()}
-        todo = [r for r in rows if force or r["key"] not in done]
+    busy = (f"a bayes-sparse bench or measure is using {results.parent}; time its models after it has finished "
+            "(timings beside a training are off)")
+    with _lock(results.parent, busy):
+        done = {(r["key"], r.get("run_fingerprint")) for r in out.read()}
+        todo = [r for r in rows if force or (r["key"], fingerprint(r)) not in done]
         skipped = [r["key"] for r in rows if r not in todo]
         missing = [r["key"] for r in todo if not _model_exists(r, results)]
         if missing:
@@ -141,18 +146,30 @@ def measure(results: Union[str, Path], rounds: int = 7, force: bool = False, pro
             dense = export.load(model_file(row, results), NETS[net].build()).eval()
             speed = latency(dense, x, rounds=rounds)
             line: dict[str, Any] = {
-                "config_hash": config_hash, "key": row["key"], "latency": speed,
+                "config_hash": config_hash, "key": row["key"], "run_fingerprint": fingerprint(row), "latency": speed,
                 "speedup_batch1": speed["batch1"]["speedup"], "speedup_batch64": speed["batch64"]["speedup"],
-                "loadavg": load, "torch": torch.__version__, "machine": platform.machine(),
-                "processor": platform.processor() or None,
+                "measure": {"loadavg": load, "torch": torch.__version__, "machine": platform.machine(),
+                            "processor": platform.processor() or None, "rounds": rounds},
             }
             if shrunk and _removes_units(row):
-                s = _time_shrunk(copy.deepcopy(dense), x, rounds)
-                line.update({"latency_shrunk": s, "speedup_shrunk_batch1": s["batch1"]["speedup"],
-                             "speedup_shrunk_batch64": s["batch64"]["speedup"]})
+                try:
+                    s = _time_shrunk(copy.deepcopy(dense), x, rounds)
+                except ValueError as e:  # shrink refused this model: recorded, the other runs go on
+                    logger.warning("run %s: no shrunk timing: %s", row["key"], e)
+                    line["shrunk_error"] = str(e)
+                else:
+                    line.update({"latency_shrunk": s, "speedup_shrunk_batch1": s["batch1"]["speedup"],
+                                 "speedup_shrunk_batch64": s["batch64"]["speedup"]})
             out.append(line)
             measured.append(row["key"])
     return MeasureResult(measured, skipped, out.path)
+
+
+def fingerprint(row: dict[str, Any]) -> str:
+    """A hash of a run record as ``bench`` wrote it: a line of ``latency.jsonl`` belongs to the record with the same
+    key and fingerprint (a run redone later is timed again, and never gets the old model's timing)."""
+    clean = {k: v for k, v in row.items() if k != "latency_measured"}
+    return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _model_exists(row: dict[str, Any], results: Path) -> bool:
@@ -171,12 +188,14 @@ def merge_latency(rows: list[dict[str, Any]], results: Path) -> list[dict[str, A
     path = results.parent / LATENCY_FILE
     if not path.exists() or not rows:
         return rows
-    lines = {r["key"]: r for r in ResultsFile(path, rows[0].get("config_hash")).read()}
+    lines = {(r["key"], r.get("run_fingerprint")): r for r in ResultsFile(path, rows[0].get("config_hash")).read()}
     merged = []
     for row in rows:
-        extra = lines.get(row["key"])
+        extra = lines.pop((row["key"], fingerprint(row)), None)
         if extra is not None:
-            row = {**row, **{k: v for k, v in extra.items() if k not in ("config_hash", "key")},
+            row = {**row, **{k: v for k, v in extra.items() if k not in ("config_hash", "key", "run_fingerprint")},
                    "latency_measured": "afterwards"}
         merged.append(row)
+    if lines:
+        logger.info("%s: %d line(s) belong to no run of the results (runs redone since): ignored", path, len(lines))
     return merged

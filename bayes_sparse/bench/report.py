@@ -53,12 +53,15 @@ def read_results(path: Union[str, Path], merge_latency: bool = True) -> list[dic
     return rows
 
 
-def _fmt(s: Optional[Stat], scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
+def _fmt(s: Optional[Stat], scale: float = 1.0, digits: int = 2, suffix: str = "", seeds: int = 0) -> str:
+    """``mean ± half-width``; ``(n=k)`` when only k of the group's ``seeds`` runs have the metric."""
     if s is None:
         return "-"
     text = f"{scale * s.mean:.{digits}f}{suffix}"
     if s.half_width is not None:
         text += f" ± {scale * s.half_width:.{digits}f}"
+    if s.n < seeds:
+        text += f" (n={s.n})"
     return text
 
 
@@ -73,14 +76,15 @@ def summary_markdown(groups: list[Group], title: str = "Benchmark") -> str:
              "speedup b=1 | speedup b=64 | shrunk b=1 | shrunk b=64 | units kept | kept per layer |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
-        s = g.stats
+        s, n = g.stats, len(g.seeds)
         lines.append(f"| {g.net} | {g.method} | {g.strength}={g.value:g} | {len(g.seeds)} | "
                      f"{_fmt(s.get('test_error'), 100)} | {_fmt(s.get('val_error'), 100)} | "
                      f"{_fmt(s.get('compression'), digits=1, suffix='x')} | "
                      f"{_fmt(s.get('flop_reduction'), digits=1, suffix='x')} | "
-                     f"{_fmt(s.get('speedup_batch1'), suffix='x')} | {_fmt(s.get('speedup_batch64'), suffix='x')} | "
-                     f"{_fmt(s.get('speedup_shrunk_batch1'), suffix='x')} | "
-                     f"{_fmt(s.get('speedup_shrunk_batch64'), suffix='x')} | "
+                     f"{_fmt(s.get('speedup_batch1'), suffix='x', seeds=n)} | "
+                     f"{_fmt(s.get('speedup_batch64'), suffix='x', seeds=n)} | "
+                     f"{_fmt(s.get('speedup_shrunk_batch1'), suffix='x', seeds=n)} | "
+                     f"{_fmt(s.get('speedup_shrunk_batch64'), suffix='x', seeds=n)} | "
                      f"{_fmt(s.get('units_kept_total'), digits=0)} | {'-'.join(f'{u:g}' for u in g.units_kept)} |")
     lines += ["", "## Pareto fronts (test error vs compression, means over seeds)", ""]
     for (net, method), gs in _by_net_method(groups).items():

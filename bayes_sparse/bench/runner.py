@@ -392,7 +392,7 @@ def run_bench(config: Config, out: Union[str, Path], jobs: int = 1, resume: bool
 
 
 @contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
+def _lock(out: Path, busy: Optional[str] = None) -> Iterator[None]:
     """Hold ``out/.bench.lock`` (an exclusive ``flock``, released when the process ends) while a sweep writes to
     ``out``: two sweeps appending to one results file would cut each other's lines when repairing a tail."""
     try:
@@ -404,8 +404,8 @@ def _lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"another bayes-sparse bench is writing to {out}; run the parts of a sweep one after "
-                             "another into one folder (--resume), or wait for it to finish") from None
+            raise ValueError(busy or f"another bayes-sparse bench is writing to {out}; run the parts of a sweep one "
+                             "after another into one folder (--resume), or wait for it to finish") from None
         try:
             yield
         finally:

@@ -184,6 +184,7 @@ def _fold_constant_units(model: nn.Module, probes: list[tuple], names: dict[nn.M
                         names.get(layer))
             continue
         folded += int(const.sum())
+        order, ref_outs = _layer_outputs(model, probes)  # the folded layer's outputs are the new reference
         logger.info("shrink: folded %d constant unit(s) of %s into the layers reading them", int(const.sum()),
                     names.get(layer))
     return folded

@@ -13,6 +13,8 @@ forced to the same sparsity as the big ones, which is what a tuned magnitude bas
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from .._validation import check_number, check_positive_int
@@ -22,6 +24,8 @@ __all__ = ["SCOPES", "Magnitude", "MagnitudeConv1d", "MagnitudeConv2d", "Magnitu
            "pruning_rounds", "sparsity_schedule"]
 
 DEFAULT_QUALITY = 1.0
+#: Least density a layer keeps in a global round (as ``threshold_``'s default ``min_density``).
+MIN_DENSITY = 1e-3
 
 
 def sparsity_schedule(step: int, steps: int, final: float, start: float = 0.0) -> float:
@@ -35,8 +39,10 @@ def pruning_rounds(epochs: int, target: float, rounds: int, start: float, end: f
     """``{epoch: sparsity}`` of iterative pruning: ``rounds`` rounds evenly from ``start`` to before ``end``
     (fractions of ``epochs``), each to the cubic schedule's target."""
     first, last = int(start * epochs), int(end * epochs)
-    span = max(1, (last - first) // rounds)
-    return {min(epochs - 1, first + (k - 1) * span): sparsity_schedule(k, rounds, target) for k in range(1, rounds + 1)}
+    out: dict[int, float] = {}
+    for k in range(1, rounds + 1):  # evenly spread over [first, last); rounds that fall on one epoch: the last wins
+        out[min(epochs - 1, first + ((k - 1) * (last - first)) // rounds)] = sparsity_schedule(k, rounds, target)
+    return out
 
 
 def _check_target(v, n):
@@ -98,6 +104,12 @@ class Magnitude(SparseLayer):
         "scope": Option("layer", _check_scope, "'layer': per-layer rounds; 'global': one ranking over layers"),
     }
 
+    #: ``global_sparsity``: the sparsity the last global round pruned to (None before the first).
+    state_attributes = ("global_sparsity",)
+
+    def init_parameters(self) -> None:
+        self.global_sparsity = None
+
     def keep_score(self) -> Tensor:
         return self.raw_weight.abs()
 
@@ -108,10 +120,13 @@ class Magnitude(SparseLayer):
         if threshold is not None:
             return w.abs() > self.check_threshold(threshold, 0.0)
         if self.target_sparsity is not None and self.scope == "global":
-            if not self.mask_fixed:
-                raise ValueError("a global magnitude schedule's criterion needs the whole model and its schedule "
-                                 "has not pruned yet; train through bayes_sparse.on_epoch_start (fit_svi does), "
-                                 "or threshold with threshold_(model, sparsity=..., scope='global')")
+            if self.global_sparsity is None or self.global_sparsity < self.target_sparsity or not self.mask_fixed:
+                done = "has not pruned yet" if self.global_sparsity is None else \
+                    f"stopped at sparsity {self.global_sparsity:.4g} before its last round"
+                raise ValueError(f"the global magnitude schedule (target_sparsity={self.target_sparsity}) {done}, "
+                                 "and its criterion needs the whole model; train all the epochs the schedule was "
+                                 "given through bayes_sparse.on_epoch_start (fit_svi does), or threshold with "
+                                 "threshold_(model, sparsity=..., scope='global')")
             return self.weight_mask.clone()  # what the global rounds kept
         if self.target_sparsity is not None:
             score = self.ranking_score()
@@ -133,7 +148,9 @@ class Magnitude(SparseLayer):
     @classmethod
     def on_epoch_start_model(cls, layers, epoch: int, epochs: int) -> None:
         """The global rounds: at a round epoch, keep the schedule's fraction of the highest ``|w|`` of all
-        layers with ``scope="global"`` ranked together (weights pruned before stay pruned)."""
+        layers with ``scope="global"`` ranked together (weights pruned before stay pruned). Every layer keeps at
+        least its ``MIN_DENSITY`` share of its best weights still available (a layer of small weights is not
+        cut off whole), so the total may keep a few more than the fraction."""
         group = [(n, l) for n, l in layers if l.scope == "global" and l.target_sparsity is not None]
         if not group:
             return
@@ -147,7 +164,12 @@ class Magnitude(SparseLayer):
         if epoch in schedule:
             scores = [l.ranking_score() for _, l in group]
             for (_, layer), score, mask in zip(group, scores, global_top_k_masks(scores, schedule[epoch])):
-                layer.set_mask_(mask & (score > float("-inf")))
+                available = score > float("-inf")
+                floor = min(math.ceil(MIN_DENSITY * score.numel()), int(available.sum()))
+                if int(mask.sum()) < floor:
+                    mask = top_k_mask(score, floor)
+                layer.set_mask_(mask & available)
+                layer.global_sparsity = schedule[epoch]
 
 
 MagnitudeLinear = Magnitude[nn.Linear]

@@ -66,13 +66,21 @@ def test_sweep_without_latency_then_measure_fills_it_in(swept):
     assert redo.measured == [timed[-1]["key"]]
     assert [json.loads(x)["key"] for x in (swept / LATENCY_FILE).read_text().splitlines()] == [t["key"] for t in timed]
 
+    # a run redone since it was timed (another record under the same key) is timed again, never given the old line
+    lines = results.read_text().splitlines()
+    redone = dict(json.loads(lines[0]), test_error=0.5)
+    results.write_text("\n".join([json.dumps(redone)] + lines[1:]) + "\n")
+    assert read_results(results)[0].get("latency_measured") is None
+    assert measure(results, rounds=1, progress=False).measured == [redone["key"]]
+    assert read_results(results)[0]["latency_measured"] == "afterwards"
+
 
 def test_measure_refuses_missing_files_a_running_sweep_and_bad_rounds(swept, tmp_path):
     results = swept / "results.jsonl"
     with pytest.raises(ValueError, match="rounds must be an int >= 1, got 0"):
         measure(results, rounds=0)
     with _lock(swept):
-        with pytest.raises(ValueError, match="another bayes-sparse bench is writing to"):
+        with pytest.raises(ValueError, match="a bayes-sparse bench or measure is using .*; time its models after"):
             measure(results, rounds=1, force=True, progress=False)
     # a results file whose model files are gone: the first missing run is named
     moved = tmp_path / "results.jsonl"

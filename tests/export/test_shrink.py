@@ -80,6 +80,12 @@ def test_units_with_a_constant_output_are_folded_into_their_readers_biases():
     _check_same(net, small, x)
     assert [small[0].out_features, small[2].in_features] == [3, 3]
     torch.testing.assert_close(small[2].bias, net[2].bias + 0.7 * net[2].weight[:, 1])
+    # constant units in two successive layers both fold
+    two = copy.deepcopy(net)
+    _constant_units(two[2], [0], [0.5])
+    small = bs.export.shrink(two, x)
+    _check_same(two, small, x)
+    assert [small[0].out_features, small[2].out_features, small[4].in_features] == [3, 3, 3]
     # a constant unit of the last layer is the model's output: kept, outputs equal
     _constant_units(net[4], [0], [0.3])
     small = bs.export.shrink(net, x)

@@ -287,6 +287,25 @@ def test_global_magnitude_schedule_ranks_all_layers_together():
     assert bs.threshold_(net)["0"] == pytest.approx(float(masks[0].float().mean()))  # the criterion keeps them
 
 
+def test_global_magnitude_keeps_a_floor_per_layer_and_refuses_an_unfinished_schedule():
+    torch.manual_seed(0)
+    net = bs.sparsify(nn.Sequential(nn.Linear(100, 40), nn.ReLU(), nn.Linear(40, 30)), method="magnitude",
+                      scope="global", target_sparsity=0.9, rounds=2, prune_start=0.0, prune_end=0.5)
+    with torch.no_grad():
+        net[2].raw_weight.mul_(1e-4)  # every weight of the second layer ranks below the first layer's
+    bs.on_epoch_start(net, 0, 10)  # the first of two rounds
+    with pytest.raises(ValueError, match=r"stopped at sparsity 0.7875 before its last round"):
+        bs.threshold_(net)
+    bs.on_epoch_start(net, 2, 10)
+    kept = [int(layer.weight_mask.sum()) for _, layer in bs.sparse_layers(net)]
+    assert kept[1] == 2  # ceil(1e-3 * 1200): not cut off whole
+    assert kept[0] == 5200 - round(0.9 * 5200)  # the global ranking gave every kept weight to the first layer
+    again = bs.sparsify(nn.Sequential(nn.Linear(100, 40), nn.ReLU(), nn.Linear(40, 30)), method="magnitude",
+                        scope="global", target_sparsity=0.9, rounds=2, prune_start=0.0, prune_end=0.5)
+    again.load_state_dict(net.state_dict())  # the schedule's progress travels with the state_dict
+    assert bs.threshold_(again) == bs.threshold_(net)
+
+
 def test_global_magnitude_refuses_what_it_cannot_rank():
     net = bs.sparsify(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)), method="magnitude",
                       scope="global", target_sparsity=0.5)
