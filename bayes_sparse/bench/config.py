@@ -160,10 +160,24 @@ class Config:
 
     @property
     def hash(self) -> str:
-        """Hash of everything that decides the results (the name excluded), 16 hex digits."""
+        """Hash of the whole config (the name excluded), 16 hex digits."""
         d = self.to_dict()
         del d["name"]
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(d)
+
+    @property
+    def recipe_hash(self) -> str:
+        """Hash of the recipe alone: every run in one results file shares it."""
+        return _digest(asdict(self.recipe))
+
+    def run_hash(self, method: str) -> str:
+        """Hash of what decides a run's result besides its key (net, method, value, seed): the recipe, and the
+        method's strength kind, fixed options and threshold choice. The grid's values, seeds, nets and other
+        methods are not part of it, so a grid can grow or change its values without invalidating finished runs;
+        changing the recipe or a method's options does."""
+        grid = asdict(self.methods[method])
+        del grid["values"]
+        return _digest({"recipe": asdict(self.recipe), "method": grid})
 
     def runs(self) -> list[Run]:
         """Every run of the grid, in a fixed order (net, method, strength value, seed)."""
@@ -208,6 +222,10 @@ class Config:
         if grid.strength not in STRENGTH_KINDS:
             options[grid.strength] = run.value if isinstance(run, Run) else run.values[0]
         return options
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def _err(where: str, msg: str) -> ValueError:

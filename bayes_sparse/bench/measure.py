@@ -118,8 +118,9 @@ def measure(results: Union[str, Path], rounds: int = 7, force: bool = False, pro
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     results = Path(results)
     rows = read_results(results, merge_latency=False)
-    config_hash = rows[0]["config_hash"]
-    out = ResultsFile(results.parent / LATENCY_FILE, config_hash)
+    field = "recipe_hash" if "recipe_hash" in rows[0] else "config_hash"  # runs written before recipe_hash
+    config_hash = rows[0][field]
+    out = ResultsFile(results.parent / LATENCY_FILE, config_hash, field=field)
     busy = (f"a bayes-sparse bench or measure is using {results.parent}; time its models after it has finished "
             "(timings beside a training are off)")
     with _lock(results.parent, busy):
@@ -146,7 +147,7 @@ def measure(results: Union[str, Path], rounds: int = 7, force: bool = False, pro
             dense = export.load(model_file(row, results), NETS[net].build()).eval()
             speed = latency(dense, x, rounds=rounds)
             line: dict[str, Any] = {
-                "config_hash": config_hash, "key": row["key"], "run_fingerprint": fingerprint(row), "latency": speed,
+                field: config_hash, "key": row["key"], "run_fingerprint": fingerprint(row), "latency": speed,
                 "speedup_batch1": speed["batch1"]["speedup"], "speedup_batch64": speed["batch64"]["speedup"],
                 "measure": {"loadavg": load, "torch": torch.__version__, "machine": platform.machine(),
                             "processor": platform.processor() or None, "rounds": rounds},
@@ -188,12 +189,13 @@ def merge_latency(rows: list[dict[str, Any]], results: Path) -> list[dict[str, A
     path = results.parent / LATENCY_FILE
     if not path.exists() or not rows:
         return rows
-    lines = {(r["key"], r.get("run_fingerprint")): r for r in ResultsFile(path, rows[0].get("config_hash")).read()}
+    field = "recipe_hash" if "recipe_hash" in rows[0] else "config_hash"
+    lines = {(r["key"], r.get("run_fingerprint")): r for r in ResultsFile(path, rows[0].get(field), field=field).read()}
     merged = []
     for row in rows:
         extra = lines.pop((row["key"], fingerprint(row)), None)
         if extra is not None:
-            row = {**row, **{k: v for k, v in extra.items() if k not in ("config_hash", "key", "run_fingerprint")},
+            row = {**row, **{k: v for k, v in extra.items() if k not in ("config_hash", "recipe_hash", "key", "run_fingerprint")},
                    "latency_measured": "afterwards"}
         merged.append(row)
     if lines:

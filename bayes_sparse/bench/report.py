@@ -23,7 +23,8 @@ def read_results(path: Union[str, Path], merge_latency: bool = True) -> list[dic
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a corrupt line before the last, lines of more than one config, or no finished run.
+        ValueError: a corrupt line before the last, lines of more than one recipe, runs of one method with
+            different options, or no finished run.
     """
     path = Path(path)
     if not path.is_file():
@@ -40,9 +41,16 @@ def read_results(path: Union[str, Path], merge_latency: bool = True) -> list[dic
                 raise ValueError(f"{path}, line {i + 1} is corrupt and is not the last line; fix or remove it") from None
             warnings.warn(f"{path}, line {i + 1} is truncated or corrupt (a run killed while writing?); skipped",
                           UserWarning, stacklevel=2)
-    hashes = sorted({str(r.get("config_hash")) for r in rows})
+    hashes = sorted({str(r.get("recipe_hash", r.get("config_hash"))) for r in rows})
     if len(hashes) > 1:
-        raise ValueError(f"{path} mixes results of {len(hashes)} configs (hashes {', '.join(hashes)}); report one "
+        raise ValueError(f"{path} mixes results of {len(hashes)} recipes (hashes {', '.join(hashes)}); report one "
+                         "config's file at a time")
+    by_method: dict[str, set] = {}
+    for r in rows:
+        by_method.setdefault(r.get("method"), set()).add(r.get("run_hash", r.get("config_hash")))
+    mixed = sorted(m for m, h in by_method.items() if len(h) > 1)
+    if mixed:
+        raise ValueError(f"{path} mixes runs of method(s) {mixed} made with different options; report one "
                          "config's file at a time")
     if not rows:
         raise ValueError(f"{path} holds no finished run")

@@ -14,8 +14,11 @@ each in one write followed by ``fsync``, so a kill loses at most the runs of the
 ``resume=True`` runs only the keys missing from the file: a training all of whose runs are in the file is
 skipped; one with some of its values missing is trained again (same seed, same recipe) for those values only.
 A last line that does not parse (the process was killed while writing it) is ignored with a warning and cut
-off before the next append; the lines before it are never touched. A file written for another config (another
-hash) is refused. ``only``/``seeds`` select methods and seeds without changing the config or its hash, so a
+off before the next append; the lines before it are never touched. Each run carries the hash of what decides its
+result (:meth:`~bayes_sparse.bench.config.Config.run_hash`: the recipe and its method's options), so a config may
+grow (more values, seeds, methods) or change a method's values and still resume into the same file; a file of
+another recipe, or with runs of a method whose options have changed, is refused. ``only``/``seeds`` select methods
+and seeds without changing the config or its hash, so a
 sweep can be run in parts, one after another, into the same file; a lock file refuses a second sweep writing
 to the same folder at the same time.
 """
@@ -61,16 +64,23 @@ DEVICES = ("cpu", "cuda")
 
 
 class ResultsFile:
-    """The append-only JSONL file of finished runs of one config.
+    """The append-only JSONL file of finished runs of one recipe.
 
     Args:
         path: The file (created on the first append).
-        config_hash: The hash every line must carry.
+        config_hash: The hash every line must carry in ``field``, or with ``config``: the config whose runs the
+            file may hold. A line with a ``run_hash`` must then share the config's recipe (``recipe_hash``), and,
+            when its method is in the config, that method's :meth:`~Config.run_hash` (same options and threshold
+            choice; other values, seeds or methods are fine: the grid may grow). A line without one (written
+            before runs carried it) must carry the config's whole hash.
+        field: The line's field compared with ``config_hash`` (when no ``config`` is given).
     """
 
-    def __init__(self, path: Union[str, Path], config_hash: str) -> None:
+    def __init__(self, path: Union[str, Path], config_hash: Union[str, Config], field: str = "config_hash") -> None:
         self.path = Path(path)
-        self.config_hash = config_hash
+        self.config = config_hash if isinstance(config_hash, Config) else None
+        self.config_hash = self.config.hash if self.config is not None else config_hash
+        self.field = field
         self._good_end: Optional[int] = None  # byte offset after the last good line, when the tail needs cutting
         self._needs_newline = False
 
@@ -107,16 +117,29 @@ class ResultsFile:
                                   UserWarning, stacklevel=2)
                     self._good_end = offset
                     break
-                if row.get("config_hash") != self.config_hash:
-                    raise ValueError(
-                        f"{self.path} holds results of another config (line {i + 1}: config hash "
-                        f"{row.get('config_hash')!r}, config {row.get('config_name')!r}); this config hashes to "
-                        f"{self.config_hash!r}. Write to another folder (--out DIR) or move that file away")
+                self._check(row, i + 1)
                 rows.append(row)
                 if i == len(lines) - 1:  # a complete record without its newline
                     self._needs_newline = True
             offset = end
         return rows
+
+    def _check(self, row: dict[str, Any], line: int) -> None:
+        where = f"{self.path}, line {line} ({row.get('key')!r})"
+        fix = "Write to another folder (--out DIR) or move that file (or those lines) away"
+        if self.config is None or "run_hash" not in row:
+            if row.get(self.field) != self.config_hash:
+                raise ValueError(f"{where} holds results of another config ({self.field} {row.get(self.field)!r}, "
+                                 f"config {row.get('config_name')!r}); this config's is {self.config_hash!r}. {fix}")
+            return
+        if row.get("recipe_hash") != self.config.recipe_hash:
+            raise ValueError(f"{where} was trained with another recipe (recipe hash {row.get('recipe_hash')!r}, this "
+                             f"config's is {self.config.recipe_hash!r}: {row.get('recipe')}). {fix}")
+        method = row.get("method")
+        if method in self.config.methods and row["run_hash"] != self.config.run_hash(method):
+            raise ValueError(f"{where} is a run of method {method!r} with other options or threshold choice "
+                             f"({row.get('options')}) than this config's {method!r} entry; a method's options "
+                             f"decide its results, so its runs cannot be mixed. {fix}")
 
     def append(self, row: dict[str, Any]) -> None:
         """Append one finished run (first cutting off a corrupt tail found by :meth:`read`), then ``fsync``."""
@@ -315,7 +338,8 @@ def _evaluate(config: Config, run: Run, model: SVIModel, batches: Any, data: tup
     saved = export.save(net, model_path)
     speed = latency(exported, x_test, rounds=recipe.latency_rounds) if recipe.latency_rounds else None
     return {
-        "config_hash": config.hash, "config_name": config.name, "recipe": asdict(recipe),
+        "config_hash": config.hash, "recipe_hash": config.recipe_hash, "run_hash": config.run_hash(run.method),
+        "config_name": config.name, "recipe": asdict(recipe),
         "key": run.key, "net": run.net,
         "method": run.method, "strength": run.strength, "value": run.value, "seed": run.seed,
         "training": shared["training"], "options": shared["options"], "threshold": threshold,
@@ -414,7 +438,7 @@ def _lock(out: Path, busy: Optional[str] = None) -> Iterator[None]:
 
 def _run_bench(config: Config, out: Path, trainings: list[Training], jobs: int, resume: bool, device: str,
                progress: bool, filtered: bool) -> BenchResult:
-    results = ResultsFile(out / "results.jsonl", config.hash)
+    results = ResultsFile(out / "results.jsonl", config)
     rows = results.read()
     done = {r["key"] for r in rows}
     runs = [r for t in trainings for r in t.runs()]

@@ -36,7 +36,7 @@ def test_sweep_without_latency_then_measure_fills_it_in(swept):
     by_key = {t["key"]: t for t in timed}
     for r in rows:
         t = by_key[r["key"]]
-        assert t["config_hash"] == r["config_hash"]
+        assert t["recipe_hash"] == r["recipe_hash"]
         assert set(t["latency"]) == {"batch1", "batch64"}
         assert t["speedup_batch1"] == pytest.approx(t["latency"]["batch1"]["dense_ms"] / t["latency"]["batch1"]["sparse_ms"])
         removed = any(layer["units_kept"] < layer["units"] for layer in r["layers"][:-1])

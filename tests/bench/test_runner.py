@@ -58,8 +58,33 @@ def test_refuses_to_rerun_without_resume_and_another_config(bench_dir):
     with pytest.raises(ValueError, match=r"already holds 4 finished run\(s\) of this config; pass --resume"):
         run_bench(parse_config(RAW), bench_dir, progress=False)
     other = dict(RAW, recipe=dict(RAW["recipe"], epochs=2))
-    with pytest.raises(ValueError, match=r"holds results of another config .*config 'tiny'.* Write to another folder"):
+    with pytest.raises(ValueError, match=r"line 1 .* was trained with another recipe .*'epochs': 1.* Write to "
+                                         r"another folder"):
         run_bench(parse_config(other), bench_dir, resume=True, progress=False)
+    options = dict(RAW, methods=dict(RAW["methods"], magnitude=dict(RAW["methods"]["magnitude"],
+                                                                    options={"scope": "global"})))
+    with pytest.raises(ValueError, match=r"is a run of method 'magnitude' with other options or threshold choice"):
+        run_bench(parse_config(options), bench_dir, resume=True, progress=False)
+
+
+def test_a_grid_that_grows_or_changes_its_values_resumes_into_the_same_file(bench_dir, tmp_path):
+    """A run's hash covers the recipe and its method's options, not the grid's values, seeds or other methods:
+    a config that changes magnitude's values and adds L1 keeps the finished runs and runs only the new ones."""
+    import shutil
+
+    out = tmp_path / "grown"
+    shutil.copytree(bench_dir, out, ignore=shutil.ignore_patterns(".bench.lock"))
+    grown = dict(RAW, grid={"nets": ["mlp_tiny"], "seeds": [0]},
+                 methods=dict(RAW["methods"], magnitude={"strength": "target_sparsity", "values": [0.5, 0.7]},
+                              l1={"strength": "penalty", "values": [1.0]}))
+    config = parse_config(grown)
+    assert config.hash != parse_config(RAW).hash and config.run_hash("vd") == parse_config(RAW).run_hash("vd")
+    result = run_bench(config, out, resume=True, progress=False)
+    assert sorted(result.ran) == ["mlp_tiny/l1/penalty=1/seed=0", "mlp_tiny/magnitude/target_sparsity=0.7/seed=0"]
+    assert sorted(result.skipped) == ["mlp_tiny/magnitude/target_sparsity=0.5/seed=0", "mlp_tiny/vd/threshold=3/seed=0"]
+    rows = [json.loads(x) for x in lines(out)]
+    assert len(rows) == 6  # the runs of seed 1, no longer in the grid, stay in the file
+    assert all(r["run_hash"] == config.run_hash(r["method"]) and r["recipe_hash"] == config.recipe_hash for r in rows)
 
 
 def test_resume_after_a_kill_runs_only_the_missing_run(bench_dir, tmp_path):
