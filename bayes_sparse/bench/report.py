@@ -129,7 +129,8 @@ def write_report(results: Union[str, Path], out: Optional[Union[str, Path]] = No
     out.mkdir(parents=True, exist_ok=True)
     rows = read_results(results)
     groups = aggregate(rows)
-    title = f"Benchmark {rows[0].get('config_name', '')} (config {rows[0].get('config_hash')})".strip()
+    recipe = rows[0].get("recipe_hash", rows[0].get("config_hash"))
+    title = f"Benchmark {rows[0].get('config_name', '')} (recipe {recipe})"
     summary = out / "summary.md"
     summary.write_text(summary_markdown(groups, title))
     as_json = out / "summary.json"
