@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,8 +34,11 @@ def plot_tradeoff(groups: list[Group], net: str, path: Path) -> Path:
         yerr = [100 * (g.stats["test_error"].half_width or 0.0) for g in gs]
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=method)
     ax.set_xscale("log")
+    ax.set_yscale("log")  # a collapsed run (tens of %) and the 1-3% that matter on one readable axis
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("compression (total / non-zero weights, log scale)")
-    ax.set_ylabel("test error (%)")
+    ax.set_ylabel("test error (%, log scale)")
     ax.set_title(f"{net}: error vs compression (mean ± 95% CI over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
