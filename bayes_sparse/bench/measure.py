@@ -127,9 +127,8 @@ def measure(results: Union[str, Path], rounds: int = 7, force: bool = False, pro
         done = {(r["key"], r.get("run_fingerprint")) for r in out.read()}
         todo = [r for r in rows if force or (r["key"], fingerprint(r)) not in done]
         skipped = [r["key"] for r in rows if r not in todo]
-        missing = [r["key"] for r in todo if not _model_exists(r, results)]
-        if missing:
-            model_file(next(r for r in todo if r["key"] in missing), results)  # raises, naming the first
+        for r in todo:  # every file checked before anything is timed: raises, naming the first missing run
+            model_file(r, results)
         examples: dict[str, torch.Tensor] = {}
         measured: list[str] = []
         warned = False
@@ -171,14 +170,6 @@ def fingerprint(row: dict[str, Any]) -> str:
     key and fingerprint (a run redone later is timed again, and never gets the old model's timing)."""
     clean = {k: v for k, v in row.items() if k != "latency_measured"}
     return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _model_exists(row: dict[str, Any], results: Path) -> bool:
-    try:
-        model_file(row, results)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def merge_latency(rows: list[dict[str, Any]], results: Path) -> list[dict[str, Any]]:
