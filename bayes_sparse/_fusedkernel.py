@@ -35,6 +35,7 @@ __all__ = ["available", "disabled", "hc_backward", "hc_forward", "hc_uniform", "
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -174,82 +175,104 @@ static inline float uniform(uint32_t s0, uint32_t s1, int64_t i) {
 
 struct HC { float beta, gamma, zeta, shift; };
 
-template <bool MASKED>
-static float hc_forward_chunk(const float* la, const float* m, float* gates, uint32_t s0, uint32_t s1, HC k,
-                              int64_t i0, int64_t i1) {
+// THETA: the output is theta * gate (the gated weight) instead of the gate, and the backward returns the
+// gradients w.r.t. theta and log alpha in the same pass (no separate multiplication, in either direction).
+template <bool MASKED, bool THETA>
+static float hc_forward_chunk(const float* la, const float* m, const float* th, float* out, uint32_t s0,
+                              uint32_t s1, HC k, int64_t i0, int64_t i1) {
   float acc = 0.f;
   #pragma omp simd reduction(+:acc)
   for (int64_t i = i0; i < i1; ++i) {
     const float u = uniform(s0, s1, i);
     const float s = 1.f / (1.f + expf(-(logf(u) - logf(1.f - u) + la[i]) / k.beta));
     const float st = s * (k.zeta - k.gamma) + k.gamma;
-    gates[i] = st < 0.f ? 0.f : (st > 1.f ? 1.f : st);
+    const float gate = st < 0.f ? 0.f : (st > 1.f ? 1.f : st);
+    out[i] = THETA ? th[i] * gate : gate;
     const float p = 1.f / (1.f + expf(-(la[i] - k.shift)));
     acc += MASKED ? p * m[i] : p;
   }
   return acc;
 }
 
-template <bool MASKED, bool HAS_GG>
-static void hc_backward_chunk(const float* la, const float* m, const float* gg, float* grad, uint32_t s0,
-                              uint32_t s1, HC k, float gl0, int64_t i0, int64_t i1) {
+template <bool MASKED, bool HAS_GG, bool THETA>
+static void hc_backward_chunk(const float* la, const float* m, const float* gg, const float* th, float* grad,
+                              float* g_th, uint32_t s0, uint32_t s1, HC k, float gl0, int64_t i0, int64_t i1) {
   #pragma omp simd
   for (int64_t i = i0; i < i1; ++i) {
-    float g = 0.f;
+    float g = 0.f, gt = 0.f;
     if (HAS_GG) {
       const float u = uniform(s0, s1, i);
       const float s = 1.f / (1.f + expf(-(logf(u) - logf(1.f - u) + la[i]) / k.beta));
       const float st = s * (k.zeta - k.gamma) + k.gamma;
-      g = (st > 0.f && st < 1.f) ? gg[i] * (k.zeta - k.gamma) / k.beta * s * (1.f - s) : 0.f;
+      const float gate = st < 0.f ? 0.f : (st > 1.f ? 1.f : st);
+      const float go = THETA ? gg[i] * th[i] : gg[i];  // gradient reaching the gate
+      g = (st > 0.f && st < 1.f) ? go * (k.zeta - k.gamma) / k.beta * s * (1.f - s) : 0.f;
+      gt = gg[i] * gate;
     }
     const float p = 1.f / (1.f + expf(-(la[i] - k.shift)));
     grad[i] = g + gl0 * (MASKED ? m[i] : 1.f) * p * (1.f - p);
+    if (THETA) g_th[i] = gt;
   }
 }
 
-// Returns (gates, expected L0 summed over the mask as a 0-d tensor).
-std::vector<torch::Tensor> hc_forward(torch::Tensor log_alpha, torch::Tensor mask, int64_t seed, double beta,
-                                      double gamma, double zeta) {
+// Returns (gates, or theta * gates when theta is not empty; expected L0 summed over the mask as a 0-d tensor).
+std::vector<torch::Tensor> hc_forward(torch::Tensor log_alpha, torch::Tensor mask, torch::Tensor theta,
+                                      int64_t seed, double beta, double gamma, double zeta) {
   check(log_alpha, log_alpha, "log_alpha");
-  const bool masked = mask.numel() > 0;
+  const bool masked = mask.numel() > 0, with_theta = theta.numel() > 0;
   if (masked) check(mask, log_alpha, "mask");
-  auto gates = torch::empty_like(log_alpha);
+  if (with_theta) check(theta, log_alpha, "theta");
+  auto out = torch::empty_like(log_alpha);
   const float* la = log_alpha.data_ptr<float>();
   const float* m = masked ? mask.data_ptr<float>() : nullptr;
-  float* g = gates.data_ptr<float>();
+  const float* th = with_theta ? theta.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
   const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   const HC k{static_cast<float>(beta), static_cast<float>(gamma), static_cast<float>(zeta),
              static_cast<float>(beta * std::log(-gamma / zeta))};
   const double total = chunked_sum(log_alpha.numel(), [&](int64_t i0, int64_t i1) {
-    return masked ? hc_forward_chunk<true>(la, m, g, s0, s1, k, i0, i1)
-                  : hc_forward_chunk<false>(la, m, g, s0, s1, k, i0, i1);
+    if (masked && with_theta) return hc_forward_chunk<true, true>(la, m, th, o, s0, s1, k, i0, i1);
+    if (masked) return hc_forward_chunk<true, false>(la, m, th, o, s0, s1, k, i0, i1);
+    if (with_theta) return hc_forward_chunk<false, true>(la, m, th, o, s0, s1, k, i0, i1);
+    return hc_forward_chunk<false, false>(la, m, th, o, s0, s1, k, i0, i1);
   });
-  return {gates, torch::tensor(static_cast<float>(total))};
+  return {out, torch::tensor(static_cast<float>(total))};
 }
 
-// Gradient w.r.t. log alpha of <g_gates, gates> + g_l0 * L0; g_gates may be empty (no gradient).
-torch::Tensor hc_backward(torch::Tensor log_alpha, torch::Tensor mask, torch::Tensor g_gates, double g_l0,
-                          int64_t seed, double beta, double gamma, double zeta) {
+// Gradients of <g_out, out> + g_l0 * L0 w.r.t. log alpha and, when theta is not empty (out = theta * gates),
+// w.r.t. theta (else an empty tensor); g_out may be empty (no gradient).
+std::vector<torch::Tensor> hc_backward(torch::Tensor log_alpha, torch::Tensor mask, torch::Tensor theta,
+                                       torch::Tensor g_out, double g_l0, int64_t seed, double beta, double gamma,
+                                       double zeta) {
   check(log_alpha, log_alpha, "log_alpha");
-  const bool masked = mask.numel() > 0, has_gg = g_gates.numel() > 0;
+  const bool masked = mask.numel() > 0, has_gg = g_out.numel() > 0, with_theta = theta.numel() > 0;
   if (masked) check(mask, log_alpha, "mask");
-  if (has_gg) check(g_gates, log_alpha, "g_gates");
+  if (has_gg) check(g_out, log_alpha, "g_out");
+  if (with_theta) check(theta, log_alpha, "theta");
   auto grad = torch::empty_like(log_alpha);
+  auto g_theta = with_theta ? torch::empty_like(log_alpha) : torch::empty({0}, log_alpha.options());
   const float* la = log_alpha.data_ptr<float>();
   const float* m = masked ? mask.data_ptr<float>() : nullptr;
-  const float* gg = has_gg ? g_gates.data_ptr<float>() : nullptr;
+  const float* gg = has_gg ? g_out.data_ptr<float>() : nullptr;
+  const float* th = with_theta ? theta.data_ptr<float>() : nullptr;
   float* out = grad.data_ptr<float>();
+  float* gt = with_theta ? g_theta.data_ptr<float>() : nullptr;
   const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   const HC k{static_cast<float>(beta), static_cast<float>(gamma), static_cast<float>(zeta),
              static_cast<float>(beta * std::log(-gamma / zeta))};
   const float gl = static_cast<float>(g_l0);
   at::parallel_for(0, log_alpha.numel(), GRAIN, [&](int64_t i0, int64_t i1) {
-    if (masked && has_gg) hc_backward_chunk<true, true>(la, m, gg, out, s0, s1, k, gl, i0, i1);
-    else if (masked) hc_backward_chunk<true, false>(la, m, gg, out, s0, s1, k, gl, i0, i1);
-    else if (has_gg) hc_backward_chunk<false, true>(la, m, gg, out, s0, s1, k, gl, i0, i1);
-    else hc_backward_chunk<false, false>(la, m, gg, out, s0, s1, k, gl, i0, i1);
+    // without an incoming gradient theta's is 0 and the gate's derivative is not needed
+    if (!has_gg) {
+      if (masked) hc_backward_chunk<true, false, false>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
+      else hc_backward_chunk<false, false, false>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
+      if (with_theta) std::fill(gt + i0, gt + i1, 0.f);
+    } else if (masked && with_theta) hc_backward_chunk<true, true, true>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
+    else if (masked) hc_backward_chunk<true, true, false>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
+    else if (with_theta) hc_backward_chunk<false, true, true>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
+    else hc_backward_chunk<false, true, false>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
   });
-  return grad;
+  return {grad, g_theta};
 }
 
 // The uniform noise hc_forward draws for this seed (for tests: the ATen formulas on the same noise).
@@ -333,24 +356,27 @@ def new_seed() -> int:
 
 
 def hc_forward(log_alpha: Tensor, mask: Optional[Tensor], seed: int, beta: float, gamma: float,
-               zeta: float) -> tuple[Tensor, Tensor]:
-    """``(gates, expected L0 summed over mask)`` with the uniform noise of ``seed``; no autograd."""
+               zeta: float, theta: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(gates, expected L0 summed over mask)`` with the uniform noise of ``seed``; no autograd. With ``theta``
+    the first output is the gated weight ``theta * gates`` instead (one pass, no separate multiplication)."""
     mod = _load()
     if mod is None:
         raise RuntimeError("the C++ kernel is unavailable on this machine")
-    gates, l0 = mod.hc_forward(_flat(log_alpha), _flat(mask), int(seed), float(beta), float(gamma), float(zeta))
-    return gates.view_as(log_alpha), l0
+    out, l0 = mod.hc_forward(_flat(log_alpha), _flat(mask), _flat(theta), int(seed), float(beta), float(gamma),
+                             float(zeta))
+    return out.view_as(log_alpha), l0
 
 
 def hc_backward(log_alpha: Tensor, mask: Optional[Tensor], g_gates: Optional[Tensor], g_l0: float, seed: int,
-                beta: float, gamma: float, zeta: float) -> Tensor:
-    """Gradient w.r.t. ``log_alpha`` of ``<g_gates, gates> + g_l0 * L0`` (the noise recomputed from ``seed``)."""
+                beta: float, gamma: float, zeta: float, theta: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Gradients of ``<g_gates, out> + g_l0 * L0`` (the noise recomputed from ``seed``) w.r.t. ``log_alpha`` and,
+    when ``theta`` is given (``out = theta * gates``), w.r.t. ``theta`` (else ``None``)."""
     mod = _load()
     if mod is None:
         raise RuntimeError("the C++ kernel is unavailable on this machine")
-    grad = mod.hc_backward(_flat(log_alpha), _flat(mask), _flat(g_gates), float(g_l0), int(seed), float(beta),
-                           float(gamma), float(zeta))
-    return grad.view_as(log_alpha)
+    grad, g_theta = mod.hc_backward(_flat(log_alpha), _flat(mask), _flat(theta), _flat(g_gates), float(g_l0),
+                                    int(seed), float(beta), float(gamma), float(zeta))
+    return grad.view_as(log_alpha), (g_theta.view_as(log_alpha) if theta is not None else None)
 
 
 def hc_uniform(shape: torch.Size, seed: int) -> Tensor:

@@ -210,6 +210,56 @@ def test_cpp_hard_concrete_kernel_equals_the_float64_formulas_on_its_noise(maske
 
 
 @pytest.mark.skipif(not _fusedkernel.available(), reason="no C++ compiler: the ATen formulas serve")
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("g_l0", [0.0, 0.3])
+def test_cpp_gated_weight_equals_the_float64_formulas_on_its_noise(masked, g_l0):
+    """``hard_concrete_weight`` (theta * gates in the gates' pass, both gradients in one backward pass) against
+    ``theta * hard_concrete_sample`` and the expected L0 composed in float64 on the same noise."""
+    torch.manual_seed(3)
+    theta = torch.randn(301, 67)
+    theta[0, :5] = 0.0
+    log_alpha = torch.randn(301, 67) * 3
+    mask = (torch.rand(301, 67) > 0.4).float() if masked else None
+    g_w = torch.randn(301, 67)
+    t, la = theta.clone().requires_grad_(), log_alpha.clone().requires_grad_()
+    torch.manual_seed(7)
+    weight, l0 = BF.hard_concrete_weight(t, la, mask)
+    assert type(weight.grad_fn).__name__.startswith("_HardConcreteWeightCPU")
+    torch.manual_seed(7)
+    u = _fusedkernel.hc_uniform(log_alpha.shape, _fusedkernel.new_seed()).double()
+    ref_t, ref_la = theta.double().requires_grad_(), log_alpha.double().requires_grad_()
+    ref_weight = ref_t * BF.hard_concrete_sample(ref_la, u)
+    p = BF.hard_concrete_prob_nonzero(ref_la)
+    ref_l0 = (p * mask.double()).sum() if masked else p.sum()
+    torch.testing.assert_close(weight, ref_weight.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l0.double(), ref_l0, rtol=1e-5, atol=0.0)
+    grads = torch.autograd.grad((weight * g_w).sum() + g_l0 * l0, (t, la), retain_graph=True)
+    ref_grads = torch.autograd.grad((ref_weight * g_w.double()).sum() + g_l0 * ref_l0, (ref_t, ref_la),
+                                    retain_graph=True)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref.float(), rtol=1e-4, atol=1e-5)
+    # only the L0 term carries a gradient: theta's is exactly zero
+    g_t, g_la = torch.autograd.grad(l0 * 0.5, (t, la), allow_unused=True)
+    assert g_t is None or not g_t.any()
+    torch.testing.assert_close(g_la, torch.autograd.grad(0.5 * ref_l0, ref_la)[0].float(), rtol=1e-4, atol=1e-6)
+
+
+def test_hard_concrete_weight_equals_theta_times_gates_off_the_kernel():
+    """Where the kernel does not apply (float64 here) it is the composition, same noise for the same seed;
+    mismatched shapes are refused."""
+    theta = torch.randn(6, 4, dtype=torch.float64)
+    log_alpha = torch.randn(6, 4, dtype=torch.float64)
+    torch.manual_seed(4)
+    weight, l0 = BF.hard_concrete_weight(theta, log_alpha)
+    torch.manual_seed(4)
+    gates, ref_l0 = BF.hard_concrete_gates(log_alpha)
+    torch.testing.assert_close(weight, theta * gates)
+    torch.testing.assert_close(l0, ref_l0)
+    with pytest.raises(ValueError, match="equal shapes"):
+        BF.hard_concrete_weight(theta, log_alpha[:3])
+
+
+@pytest.mark.skipif(not _fusedkernel.available(), reason="no C++ compiler: the ATen formulas serve")
 def test_cpp_hard_concrete_noise_is_uniform_reproducible_and_seed_dependent():
     """Moments and a Kolmogorov-Smirnov bound of the hashed noise, the same noise for the same torch seed,
     different noise for the next draw."""

@@ -98,9 +98,10 @@ class L0(SparseLayer):
         return self.penalty * self._masked_sum(BF.hard_concrete_prob_nonzero(self.log_alpha))
 
     def sample_weight(self) -> Tensor:
-        gates, l0 = BF.hard_concrete_gates(self.log_alpha, self.weight_mask if self.mask_fixed else None)
+        weight, l0 = BF.hard_concrete_weight(self._train_weight(), self.log_alpha,
+                                             self.weight_mask if self.mask_fixed else None)
         self._keep_for_regularizer(l0)
-        return self._train_weight() * gates
+        return weight
 
 
 L0Linear = L0[nn.Linear]
