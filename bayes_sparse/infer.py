@@ -582,6 +582,13 @@ class SVIStep:
     parameter are finite (else ``FloatingPointError`` naming the epoch, step, parameter and layer, before
     anything is written), then takes one Adam step.
 
+    The first step runs with Pyro's validation as the user has it (distribution arguments, supports, site
+    shapes and the model/guide structure, which stay fixed from step to step). Later steps switch Pyro's
+    validation off when the likelihood checks every minibatch's targets itself, label ranges included (the
+    package's ``"categorical"`` and ``"gaussian"``: ``Likelihood.checks_targets``): the guard above already
+    stops at a non-finite output, loss or gradient, and on a LeNet validation was most of the step's Pyro
+    overhead (``benchmarks/step_cost.py``). With any other likelihood every step is validated.
+
     ``pyro.optim`` keeps a separate single-tensor Adam (and scheduler) per parameter, which costs about a
     millisecond a step on a LeNet; here one ``torch.optim.Adam`` (fused where every parameter allows it,
     else the default implementation) takes them all, and a parameter that first appears in a later trace
@@ -606,14 +613,26 @@ class SVIStep:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._known: set[int] = set()
+        self._validated = False  # the first step ran with Pyro's validation (see the class docstring)
 
     def __call__(self, x: Tensor, y: Tensor, *, epoch: Optional[int] = None, step: Optional[int] = None) -> float:
         """Take one step on the minibatch ``(x, y)``; returns its loss (the negative ELBO estimate)."""
         model = self.model
         advice = f"lower the learning rate (lr={self.lr}) or check the data for NaN/inf"
         _guard_batch(model, (("x", x), ("y", y)), epoch=epoch, step=step, device=self._device)
+        checked = self._validated and getattr(model.likelihood, "checks_targets", False)
         try:
-            loss, params = _svi_loss_and_grads(self._elbo, model, x, y)
+            with pyro.validation_enabled(False) if checked else contextlib.nullcontext():
+                loss, params = _svi_loss_and_grads(self._elbo, model, x, y)
+            if checked and not math.isfinite(loss) and find_ddp(model) is None:
+                # diagnose as a validated step would: run it again with Pyro's validation, which refuses a
+                # non-finite network output (the error below); nothing has been written yet. Not under DDP,
+                # where a second backward on one rank only would wait forever in its gradient all-reduce
+                # (there the guard below stops every rank together)
+                for p in params:
+                    p.grad = None
+                _svi_loss_and_grads(self._elbo, model, x, y)
+            self._validated = True
         except ValueError as e:  # Pyro's validation of the likelihood refused a non-finite network output
             if "found invalid values" not in str(e):
                 raise

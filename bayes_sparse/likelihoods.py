@@ -30,7 +30,14 @@ class Likelihood(nn.Module):
     """Base class: ``likelihood(out)`` is the distribution of a minibatch's targets given the network output.
 
     Subclasses implement :meth:`forward` and may refine :meth:`check_target`.
+
+    Attributes:
+        checks_targets: ``True`` when :meth:`check_target` checks everything Pyro's validation would check of
+            the targets (dtype, shape, support): then :class:`~bayes_sparse.SVIStep` runs its steps after the
+            first without Pyro's validation. ``False`` by default (user likelihoods are validated every step).
     """
+
+    checks_targets = False
 
     def forward(self, out: Tensor) -> dist.Distribution:  # pragma: no cover - abstract
         """The distribution of the targets, ``batch_shape == (out.shape[0],)``."""
@@ -52,6 +59,8 @@ class Categorical(Likelihood):
         torch.Size([4])
     """
 
+    checks_targets = True
+
     def forward(self, out: Tensor) -> dist.Distribution:
         if out.dim() < 2:
             raise ValueError(f"the categorical likelihood needs logits shaped (batch, ..., classes), got shape "
@@ -65,6 +74,12 @@ class Categorical(Likelihood):
         if y.shape != out.shape[:-1]:
             raise ValueError(f"the network returns logits of shape {tuple(out.shape)} but y has shape "
                              f"{tuple(y.shape)}; labels must have shape {tuple(out.shape[:-1])} (e.g. y.squeeze(-1))")
+        classes = out.shape[-1]
+        if y.numel() and (bool((y < 0).any()) or bool((y >= classes).any())):
+            bad = y[(y < 0) | (y >= classes)]
+            raise ValueError(f"labels must lie in [0, {classes - 1}] for a network with {classes} logits, got "
+                             f"{int(bad[0])} ({bad.numel()} labels out of range); check the label encoding or the "
+                             "size of the last layer")
 
 
 class Gaussian(Likelihood):
@@ -88,6 +103,8 @@ class Gaussian(Likelihood):
         >>> float(lik.scale.detach())
         1.0
     """
+
+    checks_targets = True
 
     def __init__(self, scale: Optional[float] = None, *, init_scale: float = 1.0) -> None:
         super().__init__()

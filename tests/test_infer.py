@@ -83,6 +83,36 @@ def test_svi_and_plain_loop_give_the_same_gradients():
         torch.testing.assert_close(p.grad * N, svi_grads[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("own_likelihood", [True, False])
+def test_svi_step_validates_the_first_step_and_then_relies_on_its_own_checks(monkeypatch, own_likelihood):
+    """Pyro validates the first step; later steps run without it only with the package's likelihoods (whose
+    target check runs every step), and give the loss and gradients of a validated step on the same noise."""
+    lik = "categorical" if own_likelihood else (lambda out: pyro.distributions.Categorical(logits=out))
+    seen = []
+    real = bs.infer._svi_loss_and_grads
+
+    def spy(*args):
+        seen.append(pyro.infer.util.is_validation_enabled())
+        return real(*args)
+
+    monkeypatch.setattr(bs.infer, "_svi_loss_and_grads", spy)
+    net, twin = _net(), _net()
+    twin.load_state_dict(net.state_dict())
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    step = bs.SVIStep(bs.SVIModel(net, num_data=600, likelihood=lik), lr=0.0)
+    for _ in range(3):
+        torch.manual_seed(11)
+        loss = step(x, y)
+    assert seen == [True, not own_likelihood, not own_likelihood]
+    torch.manual_seed(11)
+    ref = pyro.infer.Trace_ELBO().loss_and_grads(bs.SVIModel(twin, num_data=600, likelihood=lik),
+                                                  lambda *a: None, x, y)
+    assert loss == pytest.approx(ref, rel=1e-6)
+    if own_likelihood:
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+            step(x, torch.full((30,), 5))
+
+
 def _fit_regression(n, steps=1500, seed=0):
     torch.manual_seed(seed)
     pyro.clear_param_store()

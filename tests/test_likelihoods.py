@@ -23,6 +23,10 @@ def test_categorical_shapes_and_target_checks():
         lik.check_target(torch.zeros(4, 3), torch.zeros(4, 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"logits shaped \(batch, ..., classes\), got shape \(4,\)"):
         lik(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\] for a network with 3 logits, got 3 \(1 labels"):
+        lik.check_target(torch.zeros(4, 3), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"got -1 \(2 labels out of range\)"):
+        lik.check_target(torch.zeros(4, 3), torch.tensor([-1, 1, -1, 0]))
 
 
 def test_gaussian_fixed_and_learned_scale():
