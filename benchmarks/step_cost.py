@@ -9,6 +9,8 @@ rounds is reported, so machine noise hits every variant alike. Batch 100 of synt
     python benchmarks/step_cost.py --nets lenet300 --threads 1 --compile
 
 Variants per method: ``plain`` (loss = CE + regularizer / N, fused Adam, the schedule hook after the step),
+``guarded`` (the same with :func:`bayes_sparse.check_finite_` between backward and the step, as the documented
+plain loop has it: the like-for-like reference of the guarded SVI step),
 ``svi`` (:class:`bayes_sparse.SVIStep` on :class:`bayes_sparse.SVIModel`: the step :func:`bayes_sparse.fit_svi`
 takes, ``Trace_ELBO``, its finiteness guard and fused Adam, then the schedule hook), and with ``--compile``
 ``compiled`` (the plain step's loss under ``torch.compile``).
@@ -39,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 N = 60_000
 
 
-def _plain_step(net, opt, x, y, sparse: bool, loss_fn=None) -> Callable[[], None]:
+def _plain_step(net, opt, x, y, sparse: bool, loss_fn=None, guarded: bool = False) -> Callable[[], None]:
     def loss_of():
         loss = F.cross_entropy(net(x), y)
         return loss + bs.regularizer(net) / N if sparse else loss
@@ -50,6 +52,8 @@ def _plain_step(net, opt, x, y, sparse: bool, loss_fn=None) -> Callable[[], None
         loss = compute()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if guarded:  # the documented plain loop's finiteness guard, as SVIStep has its own
+            bs.check_finite_(net, loss)
         opt.step()
         if sparse:
             bs.after_step(net, 1e-3, N)
@@ -79,6 +83,8 @@ def variants(net_name: str, methods: list[str], compiled: bool) -> dict[str, Cal
     for method in methods:
         net = bs.sparsify(NETS[net_name](), method=method).train()
         out[f"{method}/plain"] = _plain_step(net, _adam(net), x, y, sparse=True)
+        guarded = bs.sparsify(NETS[net_name](), method=method).train()
+        out[f"{method}/guarded"] = _plain_step(guarded, _adam(guarded), x, y, sparse=True, guarded=True)
         svi_net = bs.sparsify(NETS[net_name](), method=method).train()
         out[f"{method}/svi"] = _svi_step(svi_net, x, y)
         if compiled:
@@ -126,13 +132,16 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"net": net_name, "threads": threads, "dense_ms": 1e3 * dense, "methods": {}}
             for method in args.methods:
                 entry = {"plain_ms": 1e3 * ms[f"{method}/plain"], "sparse_over_dense": ms[f"{method}/plain"] / dense,
-                         "svi_ms": 1e3 * ms[f"{method}/svi"], "svi_over_plain": ms[f"{method}/svi"] / ms[f"{method}/plain"]}
+                         "svi_ms": 1e3 * ms[f"{method}/svi"], "svi_over_plain": ms[f"{method}/svi"] / ms[f"{method}/plain"],
+                         "guarded_ms": 1e3 * ms[f"{method}/guarded"],
+                         "svi_over_guarded_plain": ms[f"{method}/svi"] / ms[f"{method}/guarded"]}
                 if args.compile:
                     entry["compiled_ms"] = 1e3 * ms[f"{method}/compiled"]
                     entry["compiled_over_dense"] = ms[f"{method}/compiled"] / dense
                 row["methods"][method] = entry
                 print(f"{net_name} {threads}T {method:9s} dense {1e3 * dense:6.2f} ms  sparse/dense "
                       f"{entry['sparse_over_dense']:5.2f}x  svi/plain {entry['svi_over_plain']:5.2f}x"
+                      f" (/guarded {entry['svi_over_guarded_plain']:5.2f}x)"
                       + (f"  compiled/dense {entry['compiled_over_dense']:5.2f}x" if args.compile else ""), flush=True)
             results.append(row)
     out = {"results": results, "batch_size": 100, "rounds": args.rounds, "steps_per_round": args.steps,
