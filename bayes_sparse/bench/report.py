@@ -73,6 +73,11 @@ def _fmt(s: Optional[Stat], scale: float = 1.0, digits: int = 2, suffix: str = "
     return text
 
 
+def _units(mean: float) -> str:
+    """A per-layer unit count averaged over seeds: whole when it is, else one decimal (287, 96.3)."""
+    return f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.1f}"
+
+
 def summary_markdown(groups: list[Group], title: str = "Benchmark") -> str:
     """The summary: one table (mean ± 95% CI over seeds) and the Pareto front of each (net, method)."""
     lines = [f"# {title}", "",
@@ -93,7 +98,7 @@ def summary_markdown(groups: list[Group], title: str = "Benchmark") -> str:
                      f"{_fmt(s.get('speedup_batch64'), suffix='x', seeds=n)} | "
                      f"{_fmt(s.get('speedup_shrunk_batch1'), suffix='x', seeds=n)} | "
                      f"{_fmt(s.get('speedup_shrunk_batch64'), suffix='x', seeds=n)} | "
-                     f"{_fmt(s.get('units_kept_total'), digits=0)} | {'-'.join(f'{u:g}' for u in g.units_kept)} |")
+                     f"{_fmt(s.get('units_kept_total'), digits=0)} | {'-'.join(_units(u) for u in g.units_kept)} |")
     lines += ["", "## Pareto fronts (test error vs compression, means over seeds)", ""]
     for (net, method), gs in _by_net_method(groups).items():
         pts = [(g.stats["test_error"].mean, g.stats["compression"].mean) for g in gs

@@ -4,6 +4,7 @@ import random
 import pytest
 
 from bayes_sparse.bench.aggregate import aggregate, mean_ci, pareto_front
+from bayes_sparse.bench.report import summary_markdown
 
 
 def test_ci_by_hand():
@@ -49,3 +50,9 @@ def test_aggregate_groups_over_seeds():
     assert "speedup_batch1" not in g1.stats  # None (not measured) is left out
     assert g1.layer_density == [("0", pytest.approx(0.375)), ("2", 1.0)]
     assert g1.log_alpha_hist["counts"] == [1, 2]
+
+
+def test_summary_rounds_per_layer_units_averaged_over_seeds():
+    rows = [row("n", "l0", 0.1, s, 0.1, 2.0, [287 + (s == 2), 96 + (s > 0), 10]) for s in (0, 1, 2)]
+    table = summary_markdown(aggregate(rows))
+    assert "| 287.3-96.7-10 |" in table and "287.333" not in table
