@@ -291,6 +291,7 @@ class _VDWeightStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_var: Optional[Tensor], g_kl: Optional[Tensor], _g_la: Optional[Tensor]):
+        _refuse_double_backward("vd_weight_stats")
         theta, denom, la, a, var_w, s, mask = ctx.saved_tensors
         g_la = torch.zeros_like(la) if g_var is None else g_var * var_w
         if g_kl is not None:
@@ -337,6 +338,17 @@ def vd_weight_stats(theta: Tensor, log_sigma2: Tensor, mask: Optional[Tensor] = 
     return _VDWeightStats.apply(theta, log_sigma2, mask, clip)
 
 
+def _refuse_double_backward(name: str) -> None:
+    """The fused functions' hand-written gradients carry no graph of their own. A backward run with
+    ``create_graph=True`` (gradient penalties, Hessian-vector products) would silently get second derivatives
+    that are missing terms or zero: refuse it."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"a double backward (create_graph=True) through {name} is not supported: its fused "
+                           "backward pass is hand-written and not itself differentiable. For second derivatives "
+                           "compose the unfused formulas (log_alpha and kl_log_uniform; hard_concrete_sample and "
+                           "hard_concrete_prob_nonzero)")
+
+
 class _VDWeightStatsCPU(torch.autograd.Function):
     """:class:`_VDWeightStats` through the C++ kernel (:mod:`bayes_sparse._fusedkernel`): one pass each way."""
 
@@ -350,6 +362,7 @@ class _VDWeightStatsCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_var: Optional[Tensor], g_kl: Optional[Tensor], _g_la: Optional[Tensor]):
+        _refuse_double_backward("vd_weight_stats")
         theta, log_sigma2, mask = ctx.saved_tensors
         g_kl_value = 0.0 if g_kl is None else float(g_kl)
         g_theta, g_ls = _fusedkernel.vd_backward(theta, log_sigma2, mask, g_var, g_kl_value, ctx.clip)
@@ -378,6 +391,7 @@ class _HardConcreteGates(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_gates: Optional[Tensor], g_l0: Optional[Tensor]):
+        _refuse_double_backward("hard_concrete_gates")
         s, gates, p, mask = ctx.saved_tensors
         beta, gamma, zeta = ctx.constants
         if g_gates is not None:
@@ -434,6 +448,7 @@ class _HardConcreteGatesCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_gates: Optional[Tensor], g_l0: Optional[Tensor]):
+        _refuse_double_backward("hard_concrete_gates")
         log_alpha, mask = ctx.saved_tensors
         seed, beta, gamma, zeta = ctx.constants
         g_l0_value = 0.0 if g_l0 is None else float(g_l0)
@@ -456,6 +471,7 @@ class _HardConcreteWeightCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_weight: Optional[Tensor], g_l0: Optional[Tensor]):
+        _refuse_double_backward("hard_concrete_weight")
         theta, log_alpha, mask = ctx.saved_tensors
         seed, beta, gamma, zeta = ctx.constants
         g_l0_value = 0.0 if g_l0 is None else float(g_l0)

@@ -60,7 +60,7 @@ from . import schedule
 from ._validation import check_module, check_number, check_positive_int
 from .distributed import find_ddp
 from .layers.base import SparseLayer
-from .likelihoods import LIKELIHOODS, Gaussian, as_likelihood
+from .likelihoods import LIKELIHOODS, Gaussian, as_likelihood, checks_targets
 from .objectives import regularizer
 
 __all__ = ["LIKELIHOODS", "SVIModel", "SVIStep", "check_finite_", "error_rate", "fit_svi", "flat_then_linear_decay",
@@ -557,6 +557,18 @@ def _raise_nonfinite_output(model: nn.Module, error: ValueError, *, epoch: int, 
                              f"it); {advice}. {detail}" + ("" if bad_value is not None else _KEPT)) from error
 
 
+def _rng_state(device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    """torch's CPU generator state and, for a CUDA model, its device's (what a step's noise is drawn from)."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple[Tensor, Optional[Tensor]]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
 def _svi_loss_and_grads(elbo: pyro.infer.ELBO, model: SVIModel, x: Tensor, y: Tensor) -> tuple[float, list[Tensor]]:
     """``SVI.step`` up to the optimizer: the loss, gradients in ``.grad``, and the parameters of the trace."""
     with pyro.poutine.trace(param_only=True) as capture:
@@ -587,7 +599,9 @@ class SVIStep:
     validation off when the likelihood checks every minibatch's targets itself, label ranges included (the
     package's ``"categorical"`` and ``"gaussian"``: ``Likelihood.checks_targets``): the guard above already
     stops at a non-finite output, loss or gradient, and on a LeNet validation was most of the step's Pyro
-    overhead (``benchmarks/step_cost.py``). With any other likelihood every step is validated.
+    overhead (``benchmarks/step_cost.py``). With any other likelihood every step is validated. A step whose loss
+    is not finite is run again on the same noise with validation, for the diagnosis (in a single process only).
+    Pyro's validation switch is process-wide: other threads running Pyro during a step run unvalidated too.
 
     ``pyro.optim`` keeps a separate single-tensor Adam (and scheduler) per parameter, which costs about a
     millisecond a step on a LeNet; here one ``torch.optim.Adam`` (fused where every parameter allows it,
@@ -620,18 +634,22 @@ class SVIStep:
         model = self.model
         advice = f"lower the learning rate (lr={self.lr}) or check the data for NaN/inf"
         _guard_batch(model, (("x", x), ("y", y)), epoch=epoch, step=step, device=self._device)
-        checked = self._validated and getattr(model.likelihood, "checks_targets", False)
+        checked = self._validated and checks_targets(model.likelihood)
+        # a single process can re-run a failed step for the diagnosis; with several ranks a forward or backward
+        # on one rank alone would wait forever in a collective (the guard below stops every rank together)
+        rerun = checked and not (tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1)
+        rng = _rng_state(self._device) if rerun else None
         try:
             with pyro.validation_enabled(False) if checked else contextlib.nullcontext():
                 loss, params = _svi_loss_and_grads(self._elbo, model, x, y)
-            if checked and not math.isfinite(loss) and find_ddp(model) is None:
-                # diagnose as a validated step would: run it again with Pyro's validation, which refuses a
-                # non-finite network output (the error below); nothing has been written yet. Not under DDP,
-                # where a second backward on one rank only would wait forever in its gradient all-reduce
-                # (there the guard below stops every rank together)
+            if rerun and not math.isfinite(loss):
+                # diagnose as a validated step would: the same step on the same noise with Pyro's validation,
+                # which refuses a non-finite network output (the error below); nothing has been written yet
                 for p in params:
                     p.grad = None
-                _svi_loss_and_grads(self._elbo, model, x, y)
+                _set_rng_state(rng)
+                with pyro.validation_enabled(True):
+                    _svi_loss_and_grads(self._elbo, model, x, y)
             self._validated = True
         except ValueError as e:  # Pyro's validation of the likelihood refused a non-finite network output
             if "found invalid values" not in str(e):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ._validation import check_number
 
-__all__ = ["LIKELIHOODS", "Categorical", "Gaussian", "Likelihood", "as_likelihood"]
+__all__ = ["LIKELIHOODS", "Categorical", "Gaussian", "Likelihood", "as_likelihood", "checks_targets"]
 
 #: Likelihood names :func:`as_likelihood` (and :class:`bayes_sparse.SVIModel`) accept.
 LIKELIHOODS = ("categorical", "gaussian")
@@ -35,6 +35,8 @@ class Likelihood(nn.Module):
         checks_targets: ``True`` when :meth:`check_target` checks everything Pyro's validation would check of
             the targets (dtype, shape, support): then :class:`~bayes_sparse.SVIStep` runs its steps after the
             first without Pyro's validation. ``False`` by default (user likelihoods are validated every step).
+            Only a class's own setting counts: a subclass of ``Categorical`` or ``Gaussian`` is validated every
+            step unless it sets ``checks_targets = True`` itself (see :func:`checks_targets`).
     """
 
     checks_targets = False
@@ -48,6 +50,12 @@ class Likelihood(nn.Module):
 
         The default accepts anything (the distribution itself will complain).
         """
+
+
+def checks_targets(likelihood: object) -> bool:
+    """Whether ``likelihood``'s own class (not a base class) declares ``checks_targets = True``: a subclass that
+    changes ``forward`` or ``check_target`` must say so itself before Pyro's validation is skipped for it."""
+    return bool(type(likelihood).__dict__.get("checks_targets", False))
 
 
 class Categorical(Likelihood):
@@ -75,7 +83,10 @@ class Categorical(Likelihood):
             raise ValueError(f"the network returns logits of shape {tuple(out.shape)} but y has shape "
                              f"{tuple(y.shape)}; labels must have shape {tuple(out.shape[:-1])} (e.g. y.squeeze(-1))")
         classes = out.shape[-1]
-        if y.numel() and (bool((y < 0).any()) or bool((y >= classes).any())):
+        if y.numel() == 0:
+            return
+        low, high = torch.aminmax(y)  # one reduction, one synchronisation
+        if int(low) < 0 or int(high) >= classes:
             bad = y[(y < 0) | (y >= classes)]
             raise ValueError(f"labels must lie in [0, {classes - 1}] for a network with {classes} logits, got "
                              f"{int(bad[0])} ({bad.numel()} labels out of range); check the label encoding or the "

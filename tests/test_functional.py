@@ -1,5 +1,6 @@
 """The functional core against independent references: gradcheck, Monte Carlo KL, weight sampling."""
 
+import contextlib
 import functools
 
 import pytest
@@ -242,6 +243,21 @@ def test_cpp_gated_weight_equals_the_float64_formulas_on_its_noise(masked, g_l0)
     g_t, g_la = torch.autograd.grad(l0 * 0.5, (t, la), allow_unused=True)
     assert g_t is None or not g_t.any()
     torch.testing.assert_close(g_la, torch.autograd.grad(0.5 * ref_l0, ref_la)[0].float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_fused_functions_refuse_a_double_backward_instead_of_wrong_second_derivatives(kernel):
+    """Hand-written gradients carry no graph: create_graph=True must fail with the fix named (kernel and ATen
+    paths alike), and the unfused formulas it names do give differentiable gradients."""
+    t, s = torch.randn(5, 4, requires_grad=True), torch.full((5, 4), -3.0, requires_grad=True)
+    la = torch.randn(5, 4, requires_grad=True)
+    with contextlib.nullcontext() if kernel else _fusedkernel.disabled():
+        for fn, wrt in ((lambda: BF.vd_weight_stats(t, s)[1], t), (lambda: BF.hard_concrete_gates(la)[1], la),
+                        (lambda: BF.hard_concrete_weight(t, la)[0].pow(2).sum(), la)):
+            with pytest.raises(RuntimeError, match=r"double backward .* not supported.*compose the unfused"):
+                torch.autograd.grad(fn(), wrt, create_graph=True)
+    (g,) = torch.autograd.grad(BF.kl_log_uniform(BF.log_alpha(t, s)).sum(), t, create_graph=True)
+    assert g.requires_grad
 
 
 def test_hard_concrete_weight_equals_theta_times_gates_off_the_kernel():

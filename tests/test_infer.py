@@ -83,11 +83,17 @@ def test_svi_and_plain_loop_give_the_same_gradients():
         torch.testing.assert_close(p.grad * N, svi_grads[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("own_likelihood", [True, False])
+class _LooseCategorical(bs.likelihoods.Categorical):  # a subclass that changes check_target
+    def check_target(self, out, y):
+        pass
+
+
+@pytest.mark.parametrize("own_likelihood", [True, False, "subclass"])
 def test_svi_step_validates_the_first_step_and_then_relies_on_its_own_checks(monkeypatch, own_likelihood):
     """Pyro validates the first step; later steps run without it only with the package's likelihoods (whose
     target check runs every step), and give the loss and gradients of a validated step on the same noise."""
-    lik = "categorical" if own_likelihood else (lambda out: pyro.distributions.Categorical(logits=out))
+    lik = {True: "categorical", "subclass": _LooseCategorical()}.get(
+        own_likelihood, lambda out: pyro.distributions.Categorical(logits=out))
     seen = []
     real = bs.infer._svi_loss_and_grads
 
@@ -103,12 +109,13 @@ def test_svi_step_validates_the_first_step_and_then_relies_on_its_own_checks(mon
     for _ in range(3):
         torch.manual_seed(11)
         loss = step(x, y)
-    assert seen == [True, not own_likelihood, not own_likelihood]
+    unvalidated = own_likelihood is True  # a subclass must declare checks_targets itself
+    assert seen == [True, not unvalidated, not unvalidated]
     torch.manual_seed(11)
     ref = pyro.infer.Trace_ELBO().loss_and_grads(bs.SVIModel(twin, num_data=600, likelihood=lik),
                                                   lambda *a: None, x, y)
     assert loss == pytest.approx(ref, rel=1e-6)
-    if own_likelihood:
+    if own_likelihood is True:
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
             step(x, torch.full((30,), 5))
 
