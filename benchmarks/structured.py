@@ -12,6 +12,7 @@ output channels, then the inputs of fc1 and fc2; LeNet-300-100 the inputs of its
     python benchmarks/structured.py --net lenet5 --method group_l0 --epochs 100      # ~1 h on one thread
     python benchmarks/structured.py --net lenet300 --method group_l0 --epochs 100
     python benchmarks/structured.py --from-checkpoint benchmarks/results/structured_lenet5_group_l0_model.safetensors
+    python benchmarks/structured.py --recipe sep2x --from-checkpoint CKPT --finetune-epochs 20 --out OUT.json
     python benchmarks/structured.py --plot                                           # the figure of every result
 
 Each run writes ``benchmarks/results/structured_<net>_<method>.json`` and its model checkpoint beside it.
@@ -126,6 +127,33 @@ def train(net_name: str, net: nn.Module, data: bs.data.MNIST, epochs: int, lr: f
         row = {"epoch": epoch, "loss": total / n, "test_error": err, "units": units_kept(net_name, net)}
         curve.append(row)
         log(f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, test error {100 * err:.2f}%, units {row['units']}")
+    return curve
+
+
+def finetune(net_name: str, net: nn.Module, data: bs.data.MNIST, epochs: int, lr: float, batch_size: int,
+             seed: int, log: Callable[[str], None]) -> list[dict]:
+    """Fine-tune a thresholded model with its structure fixed: the layers in eval mode (deterministic test-time
+    gates, no noise), cross-entropy only, Adam with the learning rate decaying linearly to 0. Removed units
+    stay removed (the fixed masks zero their weights and gradients); the kept weights adapt to the pruned
+    network. The number of epochs is fixed beforehand; the test set is only logged, never used to choose."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    n = data.x_train.shape[0]
+    net.eval()
+    curve = []
+    for epoch in range(epochs):
+        for group in opt.param_groups:
+            group["lr"] = lr * (epochs - epoch) / epochs
+        perm = torch.randperm(n)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        err = bs.error_rate(net, data.x_test, data.y_test)
+        curve.append({"epoch": epoch, "test_error": err, "units": units_kept(net_name, net)})
+        log(f"fine-tune epoch {epoch + 1}/{epochs}: test error {100 * err:.2f}%, units {curve[-1]['units']}")
     return curve
 
 
@@ -360,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--plot", action="store_true", help="only draw benchmarks/results/structured.png")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--per-weight", action="store_true", help="group_vd: Sparse VD per weight as well")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="after thresholding: epochs of fine-tuning with the structure fixed (see finetune())")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning Adam learning rate (decays to 0)")
     p.add_argument("--train-subset", type=int, default=10_000, help="resnet18: training images used")
     p.add_argument("--pretrain-epochs", type=int, default=1, help="resnet18: dense epochs before the gates")
     p.add_argument("--gate-lr", type=float, default=0.05,
@@ -396,9 +427,21 @@ def main(argv: list[str] | None = None) -> dict | None:
         curve = train(args.net, net, data, args.epochs, args.lr, args.batch_size, args.seed, log)
         seconds = time.perf_counter() - start
         bs.threshold_(net)
+        pre = ckpt if args.finetune_epochs == 0 else out.with_name(out.stem + "_before_finetune_model.safetensors")
+        bs.export.save_checkpoint(net, pre)
+        log(f"wrote {pre}")
+    ft_curve, ft_from = [], None
+    if args.finetune_epochs > 0:
+        ft_from = {"test_error_percent": 100 * bs.error_rate(net.eval(), data.x_test, data.y_test),
+                   "units_kept": units_kept(args.net, net)}
+        log(f"before fine-tuning: {ft_from}")
+        ft_curve = finetune(args.net, net, data, args.finetune_epochs, args.finetune_lr, args.batch_size, args.seed,
+                            log)
         bs.export.save_checkpoint(net, ckpt)
         log(f"wrote {ckpt}")
     result = {"net": args.net, "method": args.method, "recipe": recipe, "epochs": args.epochs, "lr": args.lr,
+              "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
+              "before_finetune": ft_from, "finetune_curve": ft_curve,
               "batch_size": args.batch_size, "seed": args.seed, "train_seconds": seconds,
               "anchors": {k: {"units": u, "error_percent": e} for k, (u, e) in ANCHORS[args.net].items()}}
     result.update(evaluate(args.net, net, data, log))
