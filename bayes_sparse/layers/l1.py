@@ -65,11 +65,7 @@ class L1(SparseLayer):
     def regularizer(self) -> Tensor:
         if self.proximal:
             return self.raw_weight.new_zeros(())
-        w = self.raw_weight
-        if self.mask_fixed:
-            return self.penalty * self._masked_sum(w.abs())
-        # one pass over the weights (abs then sum would be two); the gradient is sgn(w), as abs's
-        return self.penalty * torch.linalg.vector_norm(w, ord=1)
+        return self.penalty * self._masked_sum(self.raw_weight.abs())
 
     def after_step(self, lr: float, num_data: int) -> None:
         """The proximal step (when ``proximal``): the exact proximal operator of the penalty for SGD."""
