@@ -100,11 +100,31 @@ def units_kept(net_name: str, model: nn.Module) -> list[int]:
     return kept
 
 
+def _epoch(net: nn.Module, opt: torch.optim.Optimizer, data: bs.data.MNIST, batch_size: int, regularized: bool,
+           lr: float = 0.0) -> float:
+    """One pass over the training set in random minibatches; returns the mean loss. ``regularized`` adds the
+    sparse layers' regularizer / N and runs their step hook (at learning rate ``lr``); else cross-entropy only."""
+    n = data.x_train.shape[0]
+    perm = torch.randperm(n)
+    total = 0.0
+    for i in range(0, n, batch_size):
+        idx = perm[i:i + batch_size]
+        loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx])
+        if regularized:
+            loss = loss + bs.regularizer(net) / n
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if regularized:
+            bs.after_step(net, lr, n)
+        total += float(loss.detach()) * len(idx)
+    return total / n
+
+
 def train(net_name: str, net: nn.Module, data: bs.data.MNIST, epochs: int, lr: float, batch_size: int, seed: int,
           log: Callable[[str], None]) -> list[dict]:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    n = data.x_train.shape[0]
     curve = []
     for epoch in range(epochs):
         factor = 1.0 if epoch < epochs // 2 else (epochs - epoch) / (epochs - epochs // 2)  # flat, then to 0
@@ -112,19 +132,10 @@ def train(net_name: str, net: nn.Module, data: bs.data.MNIST, epochs: int, lr: f
             group["lr"] = lr * factor
         bs.on_epoch_start(net, epoch, epochs)
         net.train()
-        perm = torch.randperm(n)
-        total = 0.0
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx]) + bs.regularizer(net) / n
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bs.after_step(net, lr * factor, n)
-            total += float(loss.detach()) * len(idx)
+        loss = _epoch(net, opt, data, batch_size, regularized=True, lr=lr * factor)
         net.eval()
         err = bs.error_rate(net, data.x_test, data.y_test)
-        row = {"epoch": epoch, "loss": total / n, "test_error": err, "units": units_kept(net_name, net)}
+        row = {"epoch": epoch, "loss": loss, "test_error": err, "units": units_kept(net_name, net)}
         curve.append(row)
         log(f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, test error {100 * err:.2f}%, units {row['units']}")
     return curve
@@ -138,19 +149,12 @@ def finetune(net_name: str, net: nn.Module, data: bs.data.MNIST, epochs: int, lr
     network. The number of epochs is fixed beforehand; the test set is only logged, never used to choose."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    n = data.x_train.shape[0]
     net.eval()
     curve = []
     for epoch in range(epochs):
         for group in opt.param_groups:
             group["lr"] = lr * (epochs - epoch) / epochs
-        perm = torch.randperm(n)
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        _epoch(net, opt, data, batch_size, regularized=False)
         err = bs.error_rate(net, data.x_test, data.y_test)
         curve.append({"epoch": epoch, "test_error": err, "units": units_kept(net_name, net)})
         log(f"fine-tune epoch {epoch + 1}/{epochs}: test error {100 * err:.2f}%, units {curve[-1]['units']}")
