@@ -73,38 +73,44 @@ def _adam(net) -> torch.optim.Adam:
     return torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)  # as fit_svi's
 
 
-def variants(net_name: str, methods: list[str], compiled: bool) -> dict[str, Callable[[], None]]:
+def variants(net_name: str, methods: list[str], compiled: bool,
+             device: torch.device = torch.device("cpu")) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
-    x = torch.rand(100, 784)
-    y = torch.randint(0, 10, (100,))
+    x = torch.rand(100, 784, device=device)
+    y = torch.randint(0, 10, (100,), device=device)
     out = {}
-    dense = NETS[net_name]().train()
+    dense = NETS[net_name]().to(device).train()
     out["dense"] = _plain_step(dense, _adam(dense), x, y, sparse=False)
     for method in methods:
-        net = bs.sparsify(NETS[net_name](), method=method).train()
+        net = bs.sparsify(NETS[net_name](), method=method).to(device).train()
         out[f"{method}/plain"] = _plain_step(net, _adam(net), x, y, sparse=True)
-        guarded = bs.sparsify(NETS[net_name](), method=method).train()
+        guarded = bs.sparsify(NETS[net_name](), method=method).to(device).train()
         out[f"{method}/guarded"] = _plain_step(guarded, _adam(guarded), x, y, sparse=True, guarded=True)
-        svi_net = bs.sparsify(NETS[net_name](), method=method).train()
+        svi_net = bs.sparsify(NETS[net_name](), method=method).to(device).train()
         out[f"{method}/svi"] = _svi_step(svi_net, x, y)
         if compiled:
-            cnet = bs.sparsify(NETS[net_name](), method=method).train()
+            cnet = bs.sparsify(NETS[net_name](), method=method).to(device).train()
             fn = torch.compile(lambda c=cnet: F.cross_entropy(c(x), y) + bs.regularizer(c) / N)
             out[f"{method}/compiled"] = _plain_step(cnet, _adam(cnet), x, y,
                                                     sparse=True, loss_fn=fn)
     return out
 
 
-def measure(steps: dict[str, Callable[[], None]], rounds: int, per_round: int) -> dict[str, float]:
+def measure(steps: dict[str, Callable[[], None]], rounds: int, per_round: int,
+            device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    # on CUDA a timed block starts and ends on a synchronized device, so it counts the kernels it queued
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in steps.values():  # warm-up (and compilation)
         for _ in range(3):
             fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
+            sync()
             start = time.perf_counter()
             for _ in range(per_round):
                 fn()
+            sync()
             times[name].append((time.perf_counter() - start) / per_round)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -117,8 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     p.add_argument("--compile", action="store_true", help="also time the plain step's loss under torch.compile")
-    p.add_argument("--out", type=Path, default=RESULTS / "step_cost.json")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the steps run (cuda: each timed block is bracketed by torch.cuda.synchronize)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: benchmarks/results/step_cost.json (step_cost_cuda.json with --device cuda)")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here; run with --device cpu")
+    if args.out is None:
+        args.out = RESULTS / ("step_cost.json" if device.type == "cpu" else f"step_cost_{device.type}.json")
     warnings.simplefilter("ignore")
     # one compiled loss per (method, net, threads) from the same lambda: room for all of them in dynamo's cache
     torch._dynamo.config.recompile_limit = 256
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         for threads in args.threads:
             torch.set_num_threads(threads)
             pyro.clear_param_store()
-            ms = measure(variants(net_name, args.methods, args.compile), args.rounds, args.steps)
+            ms = measure(variants(net_name, args.methods, args.compile, device), args.rounds, args.steps, device)
             dense = ms["dense"]
             row = {"net": net_name, "threads": threads, "dense_ms": 1e3 * dense, "methods": {}}
             for method in args.methods:
@@ -144,7 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f" (/guarded {entry['svi_over_guarded_plain']:5.2f}x)"
                       + (f"  compiled/dense {entry['compiled_over_dense']:5.2f}x" if args.compile else ""), flush=True)
             results.append(row)
-    out = {"results": results, "batch_size": 100, "rounds": args.rounds, "steps_per_round": args.steps,
+    out = {"results": results, "device": args.device,
+           "device_name": torch.cuda.get_device_name() if device.type == "cuda" else None,
+           "batch_size": 100, "rounds": args.rounds, "steps_per_round": args.steps,
            "torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version(),
            "machine": platform.processor() or platform.machine(), "command": "python " + " ".join(sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
