@@ -49,9 +49,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.distributed as tdist
+from pyro.distributions.util import scale_and_mask
 from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
-from pyro.poutine.runtime import effectful
+from pyro.poutine.runtime import _PYRO_STACK, effectful
+from pyro.poutine.util import prune_subsample_sites
+from pyro.infer.util import torch_item
 from torch import Tensor, nn
 from torch.distributions import constraints
 from tqdm.auto import tqdm
@@ -569,12 +572,68 @@ def _set_rng_state(state: tuple[Tensor, Optional[Tensor]]) -> None:
         torch.cuda.set_rng_state(cuda)
 
 
-def _svi_loss_and_grads(elbo: pyro.infer.ELBO, model: SVIModel, x: Tensor, y: Tensor) -> tuple[float, list[Tensor]]:
-    """``SVI.step`` up to the optimizer: the loss, gradients in ``.grad``, and the parameters of the trace."""
-    with pyro.poutine.trace(param_only=True) as capture:
+def _svi_loss_and_grads(elbo: pyro.infer.ELBO, model: SVIModel, x: Tensor, y: Tensor,
+                        full_trace: bool = False) -> tuple[float, list[Tensor], Any]:
+    """``SVI.step`` up to the optimizer: the loss, gradients in ``.grad``, the parameters of the trace and (with
+    ``full_trace``, else only its param sites) the trace of the model and guide."""
+    with pyro.poutine.trace(param_only=not full_trace) as capture:
         loss = elbo.loss_and_grads(model, model.guide, x, y)
-    params = {id(p): p for p in (site["value"].unconstrained() for site in capture.trace.nodes.values())}
-    return float(loss), list(params.values())
+    params = {id(p): p for p in (site["value"].unconstrained() for site in capture.trace.nodes.values()
+                                 if site["type"] == "param")}
+    return float(loss), list(params.values()), capture.trace
+
+
+# The sample sites of SVIModel's own trace, in order (the plate's subsample site is pruned, as Trace_ELBO does).
+_SVIMODEL_SITES = ("out", "obs", "regularizer")
+
+
+def _is_svimodel_structure(model: SVIModel, trace: Any, params: list[Tensor]) -> bool:
+    """Whether a traced step of ``model`` had exactly :class:`SVIModel`'s own structure, so that
+    :func:`_direct_loss_and_grads` computes the same ELBO: the class's own ``forward``/``guide``, no Pyro module
+    inside the network or likelihood, only the sample sites ``out``, ``obs`` (observed) and ``regularizer``, and
+    one param site per trainable parameter of the model."""
+    cls = type(model)
+    if any(getattr(cls, name) is not getattr(SVIModel, name)
+           for name in ("forward", "guide", "_obs_dist", "_check_batch", "_name_params")):
+        return False
+    if any(isinstance(m, PyroModule) for m in model.net.modules()):
+        return False
+    if isinstance(model.likelihood, nn.Module) and any(isinstance(m, PyroModule) for m in model.likelihood.modules()):
+        return False
+    trace = prune_subsample_sites(trace)
+    if any(site["type"] not in ("sample", "param") for site in trace.nodes.values()):
+        return False
+    sites = tuple(name for name, site in trace.nodes.items() if site["type"] == "sample")
+    if sites != _SVIMODEL_SITES or not trace.nodes["obs"]["is_observed"]:
+        return False
+    return {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def _direct_loss_and_grads(model: SVIModel, x: Tensor, y: Tensor) -> tuple[float, list[Tensor]]:
+    """``Trace_ELBO.loss_and_grads`` of :class:`SVIModel`'s own structure, evaluated without Pyro's tracing.
+
+    The same terms in the same order as ``Trace_ELBO`` with the empty guide: the observed site's log-likelihood
+    scaled by the plate's ``num_data / batch``, plus the ``regularizer`` factor scaled by ``kl_weight`` (masked out
+    at 0), the ``out`` site contributing zero; the same random draws in the same order (the network's); the
+    float loss summed as Trace_ELBO sums it. Only used after :func:`_is_svimodel_structure` accepted a traced step.
+    """
+    model._check_batch(x, y)
+    net, batch = model.net, x.shape[0]
+    out = net(x)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the network must return a tensor, got {type(out).__name__}")
+    check = getattr(model.likelihood, "check_target", None)
+    if check is not None:
+        check(out, y)
+    obs = scale_and_mask(model._obs_dist(out).log_prob(y), model.num_data / batch).sum()
+    weight = model.kl_weight
+    log_factor = -regularizer(net)
+    reg = (scale_and_mask(log_factor, weight) if weight > 0 else scale_and_mask(log_factor, 1.0, False)).sum()
+    elbo = 0 + torch_item(obs) + torch_item(reg)
+    surrogate = -(obs + reg)
+    if surrogate.requires_grad:
+        surrogate.backward()
+    return 0.0 + -elbo, [p for p in model.parameters() if p.requires_grad]
 
 
 class SVIStep:
@@ -608,15 +667,26 @@ class SVIStep:
     else the default implementation) takes them all, and a parameter that first appears in a later trace
     joins it as a new group. The update of each parameter is Adam's, as before.
 
+    Those unvalidated steps also skip Pyro's tracing when the first step's trace showed :class:`SVIModel`'s own
+    structure (its own ``forward`` and ``guide``, no Pyro module inside the network or likelihood, the sites
+    ``out``, ``obs`` and ``regularizer``, one param site per trainable parameter) and no handler of the caller's
+    is on Pyro's stack: they evaluate the very terms ``Trace_ELBO`` sums for that structure (the observed
+    log-likelihood scaled by ``num_data / batch``, the regularizer factor scaled by ``kl_weight``), on the same
+    random draws, and back-propagate them. On LeNet-300-100 the tracing was about 0.3 ms of a 2-5 ms step.
+    ``direct=False`` traces every step with ``Trace_ELBO``; the two give the same losses and parameters (tested
+    for every method). A step whose loss is not finite is diagnosed by a traced, validated step as above.
+
     Args:
         model: The :class:`SVIModel`.
         lr: The learning rate of the next steps (set ``step.lr`` to change it).
+        direct: Allow the untraced evaluation of the same ELBO described above (default ``True``).
 
     Attributes:
         optimizer: The ``torch.optim.Adam`` (``None`` before the first step).
+        last_step_direct: Whether the last step evaluated the ELBO without Pyro's tracing.
     """
 
-    def __init__(self, model: "SVIModel", lr: float = 1e-3) -> None:
+    def __init__(self, model: "SVIModel", lr: float = 1e-3, direct: bool = True) -> None:
         if not isinstance(model, SVIModel):
             raise TypeError(f"model must be a bayes_sparse.SVIModel, got {type(model).__name__}; wrap the network: "
                             "SVIModel(net, num_data=N)")
@@ -628,6 +698,9 @@ class SVIStep:
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._known: set[int] = set()
         self._validated = False  # the first step ran with Pyro's validation (see the class docstring)
+        self.direct = bool(direct)
+        self._direct_ok = False  # the first step's trace had SVIModel's own structure
+        self.last_step_direct = False
 
     def __call__(self, x: Tensor, y: Tensor, *, epoch: Optional[int] = None, step: Optional[int] = None) -> float:
         """Take one step on the minibatch ``(x, y)``; returns its loss (the negative ELBO estimate)."""
@@ -639,9 +712,19 @@ class SVIStep:
         # on one rank alone would wait forever in a collective (the guard below stops every rank together)
         rerun = checked and not (tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1)
         rng = _rng_state(self._device) if rerun else None
+        # later steps of SVIModel's own structure skip Pyro's tracing (same ELBO, see _direct_loss_and_grads),
+        # unless a handler of the caller's is on Pyro's stack: it could change the sites
+        direct = checked and self._direct_ok and not _PYRO_STACK
         try:
             with pyro.validation_enabled(False) if checked else contextlib.nullcontext():
-                loss, params = _svi_loss_and_grads(self._elbo, model, x, y)
+                if direct:
+                    loss, params = _direct_loss_and_grads(model, x, y)
+                else:
+                    first = self.direct and not self._validated
+                    loss, params, trace = _svi_loss_and_grads(self._elbo, model, x, y, full_trace=first)
+                    if first and math.isfinite(loss):
+                        self._direct_ok = _is_svimodel_structure(model, trace, params)
+            self.last_step_direct = direct
             if rerun and not math.isfinite(loss):
                 # diagnose as a validated step would: the same step on the same noise with Pyro's validation,
                 # which refuses a non-finite network output (the error below); nothing has been written yet

@@ -97,15 +97,16 @@ def test_svi_step_validates_the_first_step_and_then_relies_on_its_own_checks(mon
     seen = []
     real = bs.infer._svi_loss_and_grads
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         seen.append(pyro.infer.util.is_validation_enabled())
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(bs.infer, "_svi_loss_and_grads", spy)
     net, twin = _net(), _net()
     twin.load_state_dict(net.state_dict())
     x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
-    step = bs.SVIStep(bs.SVIModel(net, num_data=600, likelihood=lik), lr=0.0)
+    # traced on every step here (direct=False), to see each step's validation; the untraced steps are below
+    step = bs.SVIStep(bs.SVIModel(net, num_data=600, likelihood=lik), lr=0.0, direct=False)
     for _ in range(3):
         torch.manual_seed(11)
         loss = step(x, y)
@@ -476,3 +477,103 @@ def test_empty_minibatch_and_non_finite_loss_give_clear_errors():
         bs.SVIModel(pyro.nn.PyroModule[nn.Linear](3, 2), 10)
     with pytest.raises(ValueError, match=r"name must be a non-empty str without '\$\$\$'"):
         bs.SVIModel(nn.Sequential(bs.VDLinear(3, 2)), 10, name="a$$$b")
+
+
+# --- SVIStep's untraced steps: the same ELBO as Trace_ELBO, step for step -----------------------------------
+
+_DIRECT_METHODS = ["vd", "l0", "ltp", "l1", "magnitude", "group_l0", "group_vd"]
+
+
+def _small_cnn():
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+
+
+def _twin_steps(method, kl_weights, likelihood="categorical", **model_kw):
+    """The same training twice from the same state and seeds: direct=True and direct=False SVISteps."""
+    torch.manual_seed(0)
+    base = bs.sparsify(_small_cnn(), method)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g) if likelihood == "categorical" else torch.randn(40, 3, generator=g)
+    runs = []
+    for direct in (True, False):
+        net = copy.deepcopy(base)
+        model = bs.SVIModel(net, num_data=400, likelihood=likelihood, **model_kw)
+        step = bs.SVIStep(model, lr=1e-2, direct=direct)
+        losses, used = [], []
+        bs.on_epoch_start(net, 0, 4)
+        for i, w in enumerate(kl_weights):
+            model.kl_weight = w
+            torch.manual_seed(100 + i)
+            losses.append(step(x[10 * (i % 4):10 * (i % 4) + 10], y[10 * (i % 4):10 * (i % 4) + 10]))
+            bs.after_step(net, step.lr, model.num_data)
+            used.append(step.last_step_direct)
+        runs.append((losses, used, dict(model.named_parameters())))
+    return runs
+
+
+@pytest.mark.parametrize("method", _DIRECT_METHODS)
+def test_untraced_steps_give_trace_elbos_losses_and_parameters(method):
+    """After the traced first step, SVIStep evaluates the ELBO without Pyro's tracing; losses and parameters
+    match a step traced by Trace_ELBO every time (same seeds), KL weight 0 (masked) included."""
+    (loss_d, used_d, params_d), (loss_t, used_t, params_t) = _twin_steps(method, [1.0, 0.5, 0.0, 1.0, 0.2])
+    assert used_d == [False, True, True, True, True]
+    assert not any(used_t)
+    assert loss_d == pytest.approx(loss_t, rel=1e-6, abs=1e-6)
+    for name, p in params_t.items():
+        torch.testing.assert_close(params_d[name], p, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_untraced_steps_with_a_gaussian_likelihood_and_a_learned_scale():
+    (loss_d, used_d, params_d), (loss_t, _, params_t) = _twin_steps(
+        "vd", [1.0, 1.0, 1.0], likelihood="gaussian", obs_scale=None)
+    assert used_d == [False, True, True]
+    assert any("likelihood" in name for name in params_t)  # the learned noise scale trains on both paths
+    assert loss_d == pytest.approx(loss_t, rel=1e-6)
+    for name, p in params_t.items():
+        torch.testing.assert_close(params_d[name], p, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_a_handler_of_the_callers_keeps_the_step_traced():
+    """A Pyro handler around the step (here a scale) applies: that step is traced, and its loss is scaled."""
+    net = _net()
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    step = bs.SVIStep(bs.SVIModel(net, num_data=600), lr=0.0)
+    step(x, y)
+    torch.manual_seed(3)
+    plain = step(x, y)
+    assert step.last_step_direct
+    torch.manual_seed(3)
+    with pyro.poutine.scale(scale=0.5):
+        scaled = step(x, y)
+    assert not step.last_step_direct
+    assert scaled == pytest.approx(0.5 * plain, rel=1e-6)
+
+
+class _SampledScale(pyro.nn.PyroModule):  # a Pyro sample site inside the network: not SVIModel's own structure
+    def __init__(self):
+        super().__init__()
+        self.s = pyro.nn.PyroSample(pyro.distributions.LogNormal(0.0, 0.1).expand([3]).to_event(1))
+
+    def forward(self, x):
+        return x * self.s
+
+
+class _OwnModel(bs.SVIModel):  # a subclass with its own forward: its sites are its own business
+    def forward(self, x, y=None):
+        pyro.sample("extra", pyro.distributions.Normal(0.0, 1.0))
+        return super().forward(x, y)
+
+
+@pytest.mark.parametrize("case", ["pyro_module_inside", "own_forward", "user_likelihood"])
+def test_other_structures_stay_traced(case):
+    net = _net()
+    if case == "pyro_module_inside":
+        net.append(_SampledScale())
+    cls = _OwnModel if case == "own_forward" else bs.SVIModel
+    lik = _LooseCategorical() if case == "user_likelihood" else "categorical"
+    step = bs.SVIStep(cls(net, num_data=600, likelihood=lik), lr=1e-3)
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    for _ in range(3):
+        step(x, y)
+        assert not step.last_step_direct
