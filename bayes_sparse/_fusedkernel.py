@@ -184,7 +184,7 @@ static float hc_forward_chunk(const float* la, const float* m, const float* th, 
   #pragma omp simd reduction(+:acc)
   for (int64_t i = i0; i < i1; ++i) {
     const float u = uniform(s0, s1, i);
-    const float s = 1.f / (1.f + expf(-(logf(u) - logf(1.f - u) + la[i]) / k.beta));
+    const float s = 1.f / (1.f + expf(-(logf(u / (1.f - u)) + la[i]) / k.beta));  // logit(u): one log
     const float st = s * (k.zeta - k.gamma) + k.gamma;
     const float gate = st < 0.f ? 0.f : (st > 1.f ? 1.f : st);
     out[i] = THETA ? th[i] * gate : gate;
@@ -202,7 +202,7 @@ static void hc_backward_chunk(const float* la, const float* m, const float* gg, 
     float g = 0.f, gt = 0.f;
     if (HAS_GG) {
       const float u = uniform(s0, s1, i);
-      const float s = 1.f / (1.f + expf(-(logf(u) - logf(1.f - u) + la[i]) / k.beta));
+      const float s = 1.f / (1.f + expf(-(logf(u / (1.f - u)) + la[i]) / k.beta));  // logit(u): one log
       const float st = s * (k.zeta - k.gamma) + k.gamma;
       const float gate = st < 0.f ? 0.f : (st > 1.f ? 1.f : st);
       const float go = THETA ? gg[i] * th[i] : gg[i];  // gradient reaching the gate

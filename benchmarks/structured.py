@@ -204,8 +204,9 @@ def onnx_runners(models: dict[str, nn.Module], example: torch.Tensor, folder: Pa
     return runners, sizes
 
 
-def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callable[[str], None]) -> dict:
-    """Threshold (already done), shrink, check, time."""
+def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callable[[str], None],
+             inductor: bool = False) -> dict:
+    """Threshold (already done), shrink, check, time (with ``inductor``, also both models under torch.compile)."""
     torch.set_num_threads(1)
     sparse.eval()
     exported = bs.to_dense(sparse).eval()
@@ -223,6 +224,9 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
     reference = NETS[net_name]().eval()  # the unpruned architecture: the dense original every speedup is against
     compiled = bs.export.compile(shrunk, kernel="auto", batch_size=1, threads=1, example_input=example[:1])
     models = {"dense": reference, "shrunk": shrunk, "shrunk_compiled_auto": compiled}
+    if inductor:  # both through torch.compile (inductor's C++ code on the CPU): the runtime gap at batch 1
+        models["inductor_dense"] = torch.compile(reference, dynamic=False)
+        models["inductor_shrunk"] = torch.compile(shrunk, dynamic=False)
     with torch.inference_mode():
         calls = {k: (lambda m: (lambda x: m(x)))(m) for k, m in models.items()}
         with tempfile.TemporaryDirectory() as tmp:
@@ -236,6 +240,9 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
                              "speedup_shrunk_compiled_auto": t["dense"] / t["shrunk_compiled_auto"]}
         if "onnx_dense" in t:
             speed[str(batch)]["onnx_speedup_shrunk"] = t["onnx_dense"] / t["onnx_shrunk"]
+        if "inductor_dense" in t:
+            speed[str(batch)]["inductor_speedup_shrunk"] = t["inductor_dense"] / t["inductor_shrunk"]
+            speed[str(batch)]["inductor_shrunk_over_eager_dense"] = t["dense"] / t["inductor_shrunk"]
         log(f"batch {batch}: " + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in t.items()))
     macs_dense, macs_shrunk = macs(reference, example[:1]), macs(shrunk, example[:1])
     return {"test_error_percent": 100 * err_shrunk, "thresholded_test_error_percent": 100 * err_sparse,
@@ -391,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--from-checkpoint", type=Path, default=None, help="skip training: evaluate this checkpoint")
     p.add_argument("--plot", action="store_true", help="only draw benchmarks/results/structured.png")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--inductor", action="store_true",
+                   help="also time the dense and the shrunk model under torch.compile (inductor), side by side")
     p.add_argument("--per-weight", action="store_true", help="group_vd: Sparse VD per weight as well")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="after thresholding: epochs of fine-tuning with the structure fixed (see finetune())")
@@ -420,6 +429,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"{sorted(r for n, m, r in PENALTIES if n == args.net and m == args.method)}")
     suffix = "_per_weight" if args.method == "group_vd" and args.per_weight else ""
     out = args.out or RESULTS / f"structured_{args.net}_{args.method}{suffix}.json"
+    if args.from_checkpoint and args.out is None:  # a re-measure never overwrites the training's own result
+        out = args.from_checkpoint.with_name(args.from_checkpoint.name.replace("_model.safetensors", "")
+                                             + "_remeasured.json")
     ckpt = out.with_name(out.stem + "_model.safetensors")
     data = bs.data.load_mnist()
     net = build(args.net, args.method, recipe, warmup=(0.025, 0.1), per_weight=args.per_weight)
@@ -447,8 +459,9 @@ def main(argv: list[str] | None = None) -> dict | None:
               "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
               "before_finetune": ft_from, "finetune_curve": ft_curve,
               "batch_size": args.batch_size, "seed": args.seed, "train_seconds": seconds,
+              "from_checkpoint": str(args.from_checkpoint) if args.from_checkpoint else None,
               "anchors": {k: {"units": u, "error_percent": e} for k, (u, e) in ANCHORS[args.net].items()}}
-    result.update(evaluate(args.net, net, data, log))
+    result.update(evaluate(args.net, net, data, log, inductor=args.inductor))
     result.update({"curve": curve, "torch": torch.__version__, "python": platform.python_version(),
                    "command": "python " + " ".join(sys.argv)})
     out.parent.mkdir(parents=True, exist_ok=True)
