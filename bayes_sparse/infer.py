@@ -55,6 +55,7 @@ from pyro.params.param_store import param_with_module_name
 from pyro.poutine.runtime import _PYRO_STACK, effectful
 from pyro.poutine.util import prune_subsample_sites
 from pyro.infer.util import torch_item
+from pyro.util import warn_if_nan
 from torch import Tensor, nn
 from torch.distributions import constraints
 from tqdm.auto import tqdm
@@ -589,16 +590,14 @@ _SVIMODEL_SITES = ("out", "obs", "regularizer")
 
 def _is_svimodel_structure(model: SVIModel, trace: Any, params: list[Tensor]) -> bool:
     """Whether a traced step of ``model`` had exactly :class:`SVIModel`'s own structure, so that
-    :func:`_direct_loss_and_grads` computes the same ELBO: the class's own ``forward``/``guide``, no Pyro module
-    inside the network or likelihood, only the sample sites ``out``, ``obs`` (observed) and ``regularizer``, and
-    one param site per trainable parameter of the model."""
+    :func:`_direct_loss_and_grads` computes the same ELBO: the class's own methods, nothing that
+    :func:`_still_plain` refuses, only the sample sites ``out``, ``obs`` (observed) and ``regularizer``, and one
+    param site per trainable parameter of the model (a ``pyro.param`` of the network's own is not one)."""
     cls = type(model)
     if any(getattr(cls, name) is not getattr(SVIModel, name)
-           for name in ("forward", "guide", "_obs_dist", "_check_batch", "_name_params")):
+           for name in ("__call__", "forward", "guide", "_obs_dist", "_check_batch", "_name_params")):
         return False
-    if any(isinstance(m, PyroModule) for m in model.net.modules()):
-        return False
-    if isinstance(model.likelihood, nn.Module) and any(isinstance(m, PyroModule) for m in model.likelihood.modules()):
+    if not _still_plain(model):
         return False
     trace = prune_subsample_sites(trace)
     if any(site["type"] not in ("sample", "param") for site in trace.nodes.values()):
@@ -609,13 +608,37 @@ def _is_svimodel_structure(model: SVIModel, trace: Any, params: list[Tensor]) ->
     return {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _still_plain(model: SVIModel) -> bool:
+    """The per-step part of the structure check (cheap): no Pyro module inside the network or likelihood, no
+    hooks on the model or global module hooks (calling the model runs them; the untraced step does not call
+    it), and no ``forward``/``guide`` set on the instance."""
+    from torch.nn.modules import module as torch_module
+    if any(getattr(torch_module, name, None) for name in _GLOBAL_HOOKS):
+        return False
+    if any(getattr(model, name, None) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                   "_backward_pre_hooks")):
+        return False
+    if "forward" in vars(model) or "guide" in vars(model):
+        return False
+    if any(isinstance(m, PyroModule) for m in model.net.modules()):
+        return False
+    lik = model.likelihood
+    return not (isinstance(lik, nn.Module) and any(isinstance(m, PyroModule) for m in lik.modules()))
+
+
 def _direct_loss_and_grads(model: SVIModel, x: Tensor, y: Tensor) -> tuple[float, list[Tensor]]:
     """``Trace_ELBO.loss_and_grads`` of :class:`SVIModel`'s own structure, evaluated without Pyro's tracing.
 
-    The same terms in the same order as ``Trace_ELBO`` with the empty guide: the observed site's log-likelihood
-    scaled by the plate's ``num_data / batch``, plus the ``regularizer`` factor scaled by ``kl_weight`` (masked out
-    at 0), the ``out`` site contributing zero; the same random draws in the same order (the network's); the
-    float loss summed as Trace_ELBO sums it. Only used after :func:`_is_svimodel_structure` accepted a traced step.
+    The same terms as ``Trace_ELBO`` with the empty guide: the observed site's log-likelihood scaled by the
+    plate's ``num_data / batch``, plus the ``regularizer`` factor scaled by ``kl_weight`` (masked out at 0), the
+    ``out`` site contributing zero; computed in the model's order (network, target check, regularizer, then the
+    log-likelihood, as ``Trace.compute_log_prob`` does after the model ran), so the same random draws; the float
+    loss summed as Trace_ELBO sums it, with its NaN warning. Only used after :func:`_is_svimodel_structure`
+    accepted a traced step and while :func:`_still_plain` holds.
     """
     model._check_batch(x, y)
     net, batch = model.net, x.shape[0]
@@ -625,15 +648,18 @@ def _direct_loss_and_grads(model: SVIModel, x: Tensor, y: Tensor) -> tuple[float
     check = getattr(model.likelihood, "check_target", None)
     if check is not None:
         check(out, y)
-    obs = scale_and_mask(model._obs_dist(out).log_prob(y), model.num_data / batch).sum()
-    weight = model.kl_weight
+    obs_dist = model._obs_dist(out)
     log_factor = -regularizer(net)
+    weight = model.kl_weight
     reg = (scale_and_mask(log_factor, weight) if weight > 0 else scale_and_mask(log_factor, 1.0, False)).sum()
+    obs = scale_and_mask(obs_dist.log_prob(y), model.num_data / batch).sum()
     elbo = 0 + torch_item(obs) + torch_item(reg)
     surrogate = -(obs + reg)
     if surrogate.requires_grad:
         surrogate.backward()
-    return 0.0 + -elbo, [p for p in model.parameters() if p.requires_grad]
+    loss = 0.0 + -elbo
+    warn_if_nan(loss, "loss")
+    return loss, [p for p in model.parameters() if p.requires_grad]
 
 
 class SVIStep:
@@ -667,14 +693,18 @@ class SVIStep:
     else the default implementation) takes them all, and a parameter that first appears in a later trace
     joins it as a new group. The update of each parameter is Adam's, as before.
 
-    Those unvalidated steps also skip Pyro's tracing when the first step's trace showed :class:`SVIModel`'s own
-    structure (its own ``forward`` and ``guide``, no Pyro module inside the network or likelihood, the sites
-    ``out``, ``obs`` and ``regularizer``, one param site per trainable parameter) and no handler of the caller's
-    is on Pyro's stack: they evaluate the very terms ``Trace_ELBO`` sums for that structure (the observed
-    log-likelihood scaled by ``num_data / batch``, the regularizer factor scaled by ``kl_weight``), on the same
-    random draws, and back-propagate them. On LeNet-300-100 the tracing was about 0.3 ms of a 2-5 ms step.
-    ``direct=False`` traces every step with ``Trace_ELBO``; the two give the same losses and parameters (tested
-    for every method). A step whose loss is not finite is diagnosed by a traced, validated step as above.
+    Those unvalidated steps also skip Pyro's tracing when the first traced step with a finite loss showed
+    :class:`SVIModel`'s own structure (the class's own methods, the sites ``out``, ``obs`` and ``regularizer``,
+    one param site per trainable parameter) and, checked again on every step, no Pyro module inside the network
+    or likelihood, no hooks on the model nor global module hooks, no ``forward``/``guide`` set on the instance,
+    and no handler of the caller's on Pyro's stack. They evaluate the very terms ``Trace_ELBO`` sums for that
+    structure (the observed log-likelihood scaled by ``num_data / batch``, the regularizer factor scaled by
+    ``kl_weight``), on the same random draws, back-propagate them and keep the parameters named in Pyro's
+    param store. The saving is Pyro's tracing of each step (``benchmarks/step_cost.py``).
+    ``direct=False`` (or setting ``step.direct = False`` at any time) traces every step with ``Trace_ELBO``; the
+    two give the same losses and parameters (tested for every method). A step whose loss is not finite is
+    diagnosed by a traced, validated step as above. The network must not start calling ``pyro.param`` or
+    ``pyro.sample`` itself after the first step: the structure is traced once.
 
     Args:
         model: The :class:`SVIModel`.
@@ -683,6 +713,7 @@ class SVIStep:
 
     Attributes:
         optimizer: The ``torch.optim.Adam`` (``None`` before the first step).
+        direct: Whether later steps may evaluate the ELBO without Pyro's tracing (read on every step).
         last_step_direct: Whether the last step evaluated the ELBO without Pyro's tracing.
     """
 
@@ -699,8 +730,9 @@ class SVIStep:
         self._known: set[int] = set()
         self._validated = False  # the first step ran with Pyro's validation (see the class docstring)
         self.direct = bool(direct)
-        self._direct_ok = False  # the first step's trace had SVIModel's own structure
-        self.last_step_direct = False
+        self._structure: Optional[bool] = None  # whether a traced step with a finite loss had SVIModel's own
+        self.last_step_direct = False           # structure (None: not decided yet)
+        self._store_names: tuple[tuple[int, ...], list[tuple[str, Tensor]]] = ((), [])
 
     def __call__(self, x: Tensor, y: Tensor, *, epoch: Optional[int] = None, step: Optional[int] = None) -> float:
         """Take one step on the minibatch ``(x, y)``; returns its loss (the negative ELBO estimate)."""
@@ -714,16 +746,18 @@ class SVIStep:
         rng = _rng_state(self._device) if rerun else None
         # later steps of SVIModel's own structure skip Pyro's tracing (same ELBO, see _direct_loss_and_grads),
         # unless a handler of the caller's is on Pyro's stack: it could change the sites
-        direct = checked and self._direct_ok and not _PYRO_STACK
+        direct = (self.direct and checked and self._structure is True and not _PYRO_STACK
+                  and _still_plain(model))
         try:
             with pyro.validation_enabled(False) if checked else contextlib.nullcontext():
                 if direct:
                     loss, params = _direct_loss_and_grads(model, x, y)
+                    self._keep_store_names(params)
                 else:
-                    first = self.direct and not self._validated
-                    loss, params, trace = _svi_loss_and_grads(self._elbo, model, x, y, full_trace=first)
-                    if first and math.isfinite(loss):
-                        self._direct_ok = _is_svimodel_structure(model, trace, params)
+                    decide = self.direct and self._structure is None
+                    loss, params, trace = _svi_loss_and_grads(self._elbo, model, x, y, full_trace=decide)
+                    if decide and math.isfinite(loss):
+                        self._structure = _is_svimodel_structure(model, trace, params)
             self.last_step_direct = direct
             if rerun and not math.isfinite(loss):
                 # diagnose as a validated step would: the same step on the same noise with Pyro's validation,
@@ -739,10 +773,25 @@ class SVIStep:
                 raise
             _raise_nonfinite_output(model, e, epoch=epoch, step=step, advice=advice)
         store = pyro.get_param_store()
+        if any(id(p) not in self._names for p in params):  # a parameter added since: name it too
+            self._names = {id(p): n for n, p in model.named_parameters()}
         named = [(self._names.get(id(p)) or store.param_name(p) or "(unnamed)", p) for p in params]
         _guard(model, loss, named, epoch=epoch, step=step, advice=advice)
         self._adam(params)
         return loss
+
+    def _keep_store_names(self, params: list[Tensor]) -> None:
+        """What a traced step's ``_name_params`` does for Pyro's param store: each trainable parameter stays
+        registered under its name (after ``pyro.clear_param_store()``, or another model of the same name)."""
+        ids = tuple(id(p) for p in params)
+        if ids != self._store_names[0]:
+            model = self.model
+            self._store_names = (ids, [(model._param_name(q), p) for q, p in model.named_parameters()
+                                       if p.requires_grad])
+        store = pyro.get_param_store()
+        for name, p in self._store_names[1]:
+            if store._params.get(name) is not p:
+                _alias_of_own_param(name, p)
 
     def _adam(self, params: list[Tensor]) -> None:
         new = [p for p in params if id(p) not in self._known]

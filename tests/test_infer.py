@@ -1,6 +1,7 @@
 """Pyro SVI path: the loss is the negative ELBO, gradients match the plain loop, Predictive behaves."""
 
 import copy
+import math
 import pickle
 
 import pyro
@@ -577,3 +578,130 @@ def test_other_structures_stay_traced(case):
     for _ in range(3):
         step(x, y)
         assert not step.last_step_direct
+
+
+def test_untraced_steps_are_exact_without_reseeding():
+    """No reseeding between steps: the same losses bit for bit, the same parameters and the same generator state
+    afterwards (the untraced steps draw exactly the random numbers the traced ones do)."""
+    runs = []
+    for direct in (True, False):
+        torch.manual_seed(0)
+        net = bs.sparsify(_small_cnn(), "l0")
+        x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))
+        step = bs.SVIStep(bs.SVIModel(net, num_data=400), lr=1e-2, direct=direct)
+        losses = [step(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
+        runs.append((losses, [p.detach().clone() for p in net.parameters()], torch.get_rng_state(),
+                     step.last_step_direct))
+    (l_d, p_d, rng_d, used_d), (l_t, p_t, rng_t, used_t) = runs
+    assert used_d and not used_t
+    assert l_d == l_t
+    assert all(torch.equal(a, b) for a, b in zip(p_d, p_t))
+    assert torch.equal(rng_d, rng_t)
+
+
+def _direct_step(net=None, **kw):
+    step = bs.SVIStep(bs.SVIModel(net if net is not None else _net(), num_data=600, **kw), lr=1e-3)
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    step(x, y)
+    step(x, y)
+    assert step.last_step_direct
+    return step, x, y
+
+
+def test_untraced_steps_still_check_targets_and_batches():
+    step, x, y = _direct_step()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        step(x, torch.full((30,), 5))
+    with pytest.raises(ValueError, match="num_data must be the full training set size"):
+        step(torch.randn(700, 5), torch.randint(0, 3, (700,)))
+
+
+def test_kl_weight_zero_masks_the_regularizer_out_also_untraced(monkeypatch):
+    """At kl_weight 0 the regularizer is masked (Pyro's mask), not multiplied by 0: an infinite one stays out."""
+    losses = []
+    for direct in (True, False):
+        torch.manual_seed(0)
+        model = bs.SVIModel(_net(), num_data=600)
+        step = bs.SVIStep(model, lr=0.0, direct=direct)
+        x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+        step(x, y)
+        model.kl_weight = 0.0
+        monkeypatch.setattr(bs.infer, "regularizer", lambda net: torch.tensor(float("inf"), requires_grad=True))
+        torch.manual_seed(1)
+        losses.append(step(x, y))
+        assert step.last_step_direct == direct
+        monkeypatch.undo()
+    assert math.isfinite(losses[0]) and losses[0] == losses[1]
+
+
+def test_untraced_steps_keep_the_param_store_naming_the_model():
+    step, x, y = _direct_step()
+    pyro.clear_param_store()
+    step(x, y)
+    assert step.last_step_direct
+    store = pyro.get_param_store()
+    named = {store._params[n] for n in store.keys()}
+    assert {id(p) for p in named} == {id(p) for p in step.model.parameters()}
+
+
+class _CallsParam(nn.Module):  # a plain module with a pyro.param of its own: a param site SVIModel does not own
+    def forward(self, x):
+        return x * pyro.param("extra_scale", torch.tensor(1.0))
+
+
+class _OnlyPyroParam(pyro.nn.PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.s = pyro.nn.PyroParam(torch.tensor(1.0), constraint=torch.distributions.constraints.positive)
+
+    def forward(self, x):
+        return x * self.s
+
+
+@pytest.mark.parametrize("extra", [_CallsParam, _OnlyPyroParam])
+def test_networks_with_their_own_pyro_params_stay_traced(extra):
+    pyro.clear_param_store()
+    net = _net()
+    net.append(extra())
+    step = bs.SVIStep(bs.SVIModel(net, num_data=600), lr=1e-3)
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    for _ in range(3):
+        step(x, y)
+        assert not step.last_step_direct
+
+
+def test_hooks_instance_methods_switches_and_later_changes_make_steps_traced():
+    step, x, y = _direct_step()
+    model = step.model
+    handle = model.register_forward_pre_hook(lambda m, args: None)
+    step(x, y)
+    assert not step.last_step_direct
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    step(x, y)
+    assert not step.last_step_direct
+    handle.remove()
+    step(x, y)
+    assert step.last_step_direct
+    step.direct = False
+    step(x, y)
+    assert not step.last_step_direct
+    step.direct = True
+    model.net.append(_SampledScale())  # a sample site appears in the network after the first step
+    step(x, y)
+    assert not step.last_step_direct
+
+
+def test_the_structure_is_decided_on_the_first_finite_step():
+    net = _net()
+    step = bs.SVIStep(bs.SVIModel(net, num_data=600), lr=1e-3)
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    saved = copy.deepcopy(net.state_dict())
+    with torch.no_grad():
+        net[0].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError):
+        step(x, y)
+    net.load_state_dict(saved)
+    step(x, y)
+    step(x, y)
+    assert step.last_step_direct
