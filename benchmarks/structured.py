@@ -88,6 +88,28 @@ def build(net_name: str, method: str, recipe: str, warmup: tuple[float, float], 
     return net
 
 
+def cap_units_(net_name: str, model: nn.Module, caps: list[int]) -> list[int]:
+    """Fix each gated layer's mask to at most ``caps[i]`` of its kept units (the anchors' count, ``UNITS``), the
+    units with the largest log alpha (the gate criterion's own order); returns the units kept per layer."""
+    from bayes_sparse.layers import _units as U
+    modules = dict(model.named_modules())
+    if len(caps) != len(LAYERS[net_name]):
+        raise ValueError(f"--max-units needs {len(LAYERS[net_name])} numbers for {net_name}, got {caps}")
+    with torch.no_grad():
+        for name, unit, cap in zip(LAYERS[net_name], UNITS[net_name], caps):
+            layer = modules[name]
+            if getattr(layer, "unit", None) != unit:
+                raise ValueError(f"layer {name} does not gate its {unit!r} units; --max-units needs group_l0 as built "
+                                 "by this script")
+            mask = layer.hard_mask()
+            alive = U.unit_alive(layer, mask, unit)
+            score = layer.log_alpha.masked_fill(~alive, float("-inf"))
+            keep = torch.zeros_like(alive)
+            keep[score.topk(min(cap, int(alive.sum()))).indices] = True
+            layer.set_mask_(mask & U.to_weight(layer, keep & alive, unit))
+    return units_kept(net_name, model)
+
+
 def units_kept(net_name: str, model: nn.Module) -> list[int]:
     """The anchors' count: output channels kept for conv layers, inputs read for fc layers (eval-time weights)."""
     modules = dict(model.named_modules())
@@ -267,7 +289,7 @@ def plot() -> None:
     import matplotlib.pyplot as plt
 
     files = sorted(RESULTS.glob("structured_*.json"))
-    files = [f for f in files if not f.name.endswith("_model.json")]
+    files = [f for f in files if not f.name.endswith(("_model.json", "_remeasured.json"))]  # one line per run
     if not files:
         print("no results to plot")
         return
@@ -280,7 +302,8 @@ def plot() -> None:
             r = json.loads(f.read_text())
             if r["net"] == net_name:
                 ax.plot(labels, r["units_kept"], "s-", linewidth=2,
-                        label=f"bayes_sparse {r['method']} {r.get('recipe', '')} ({r['test_error_percent']:.2f}%)")
+                        label=f"bayes_sparse {f.stem.removeprefix('structured_' + net_name + '_')} "
+                              f"({r['test_error_percent']:.2f}%)")
         ax.set_yscale("log")
         ax.set_title(f"{net_name}: units kept per layer (lower is smaller)")
         ax.set_ylabel("units kept")
@@ -398,6 +421,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--from-checkpoint", type=Path, default=None, help="skip training: evaluate this checkpoint")
     p.add_argument("--plot", action="store_true", help="only draw benchmarks/results/structured.png")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--max-units", type=lambda v: [int(t) for t in v.split(",")], default=None, metavar="A,B,C,D",
+                   help="after thresholding, keep at most these units per gated layer (largest log alpha first), "
+                        "e.g. L0-sep's 9,18,65,25; then --finetune-epochs")
     p.add_argument("--inductor", action="store_true",
                    help="also time the dense and the shrunk model under torch.compile (inductor), side by side")
     p.add_argument("--per-weight", action="store_true", help="group_vd: Sparse VD per weight as well")
@@ -446,6 +472,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         pre = ckpt if args.finetune_epochs == 0 else out.with_name(out.stem + "_before_finetune_model.safetensors")
         bs.export.save_checkpoint(net, pre)
         log(f"wrote {pre}")
+    capped = None
+    if args.max_units:
+        before = units_kept(args.net, net)
+        capped = {"units_before": before, "caps": args.max_units,
+                  "units_after": cap_units_(args.net, net, args.max_units)}
+        log(f"units capped at {args.max_units}: {before} -> {capped['units_after']}")
     ft_curve, ft_from = [], None
     if args.finetune_epochs > 0:
         ft_from = {"test_error_percent": 100 * bs.error_rate(net.eval(), data.x_test, data.y_test),
@@ -460,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "before_finetune": ft_from, "finetune_curve": ft_curve,
               "batch_size": args.batch_size, "seed": args.seed, "train_seconds": seconds,
               "from_checkpoint": str(args.from_checkpoint) if args.from_checkpoint else None,
+              "max_units": capped,
               "anchors": {k: {"units": u, "error_percent": e} for k, (u, e) in ANCHORS[args.net].items()}}
     result.update(evaluate(args.net, net, data, log, inductor=args.inductor))
     result.update({"curve": curve, "torch": torch.__version__, "python": platform.python_version(),
