@@ -13,12 +13,15 @@ arguments and turns the library's errors into one-line messages (exit status 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 __all__ = ["main"]
 
@@ -74,14 +77,32 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread while the body runs (so a sweep ends its workers)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import load_config, run_bench
 
     config = load_config(args.config)
     out = args.out or Path("runs") / config.name
     start = time.perf_counter()
-    result = run_bench(config, out, jobs=args.jobs, resume=args.resume, device=args.device,
-                       progress=not args.no_progress, only=args.only, seeds=args.seeds)
+    with _sigterm_as_interrupt():  # `kill` stops the workers too, as Ctrl-C does
+        result = run_bench(config, out, jobs=args.jobs, resume=args.resume, device=args.device,
+                           progress=not args.no_progress, only=args.only, seeds=args.seeds)
     print(f"{len(result.ran)} run(s) done ({len(result.trainings)} training(s)), {len(result.skipped)} already in "
           f"{result.results} "
           f"({time.perf_counter() - start:.0f} s); next: bayes-sparse report {result.results}")
@@ -129,6 +150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:  # bad input: one clear line, no traceback
         print(f"bayes-sparse {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during bench (the workers are already stopped)
+        print(f"bayes-sparse {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

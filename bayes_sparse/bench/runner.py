@@ -33,9 +33,11 @@ import math
 import multiprocessing
 import os
 import platform
+import threading
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing.managers import SyncManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -220,6 +222,8 @@ def execute(config: Config, training: Training, out_dir: Union[str, Path], devic
     bar positions shared by the workers.
     """
     wall = time.perf_counter()
+    if multiprocessing.parent_process() is not None:
+        _end_with_parent()
     if single_thread:
         torch.set_num_threads(1)
     position = slots.get() if slots is not None else 1
@@ -228,6 +232,35 @@ def execute(config: Config, training: Training, out_dir: Union[str, Path], devic
     finally:
         if slots is not None:
             slots.put(position)
+
+
+def _end_with_parent(period: float = 2.0) -> None:
+    """In a worker: end this process when the sweep's process is gone (killed with SIGKILL, say), since no
+    result of this training could be recorded any more; otherwise it would train on, unseen, to the end."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(period)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="bayes-sparse-parent-watch", daemon=True).start()
+
+
+def _terminate_workers(pool: ProcessPoolExecutor) -> int:
+    """Stop the pool's worker processes now (their trainings are lost; the finished runs are in the file);
+    returns how many were running."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    alive = sum(p.is_alive() for p in procs)
+    if terminate is not None:
+        terminate()
+    else:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    return alive
 
 
 def _rng_state() -> dict[str, Any]:
@@ -404,6 +437,10 @@ def run_bench(config: Config, out: Union[str, Path], jobs: int = 1, resume: bool
             or another ``bench`` running into the same folder.
         RuntimeError: ``device="cuda"`` without a GPU; some trainings failed (after the others finished and were
             recorded; the message names them and their errors).
+        KeyboardInterrupt: Ctrl-C (or SIGTERM through the ``bayes-sparse`` command): the trainings in progress
+            are ended at once, the finished runs stay in the file, and ``resume`` goes on from there. Workers
+            (and the multiprocessing manager) whose sweep process was killed outright end themselves within
+            seconds.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
@@ -462,7 +499,9 @@ def _run_bench(config: Config, out: Path, trainings: list[Training], jobs: int, 
     ctx = multiprocessing.get_context("spawn")
     overall = tqdm(total=len(runs), initial=len(skipped), position=0, desc=config.name, unit="run",
                    disable=not progress)
-    with ctx.Manager() as manager:
+    manager = SyncManager(ctx=ctx)
+    manager.start(_end_with_parent)  # its server process, too, ends if this process is killed
+    with manager:
         slots = manager.Queue()
         for i in range(1, jobs + 1):
             slots.put(i)
@@ -488,9 +527,13 @@ def _run_bench(config: Config, out: Path, trainings: list[Training], jobs: int, 
                                 ran.append(row["key"])
                             trained.append(t.key)
                         overall.update(len(t.values))
-            except BaseException:
+            except BaseException:  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt), or an error here
                 for fut in pending:
                     fut.cancel()
+                stopped = _terminate_workers(pool)
+                overall.close()
+                logger.warning("sweep stopped: %d training(s) in progress were ended; the %d finished run(s) are "
+                               "in %s; rerun with --resume to go on", stopped, len(ran), results.path)
                 raise
     overall.close()
     if failed:

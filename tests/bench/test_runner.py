@@ -343,3 +343,56 @@ def test_a_failed_value_keeps_the_other_values_of_its_training(tmp_path, monkeyp
     records = runner.execute(config, training, tmp_path)
     assert records[0] == {"key": "mlp_tiny/vd/threshold=2/seed=0", "failed": "RuntimeError: disk full"}
     assert records[1]["key"] == "mlp_tiny/vd/threshold=3/seed=0" and 0 <= records[1]["test_error"] <= 1
+
+
+def _group_pids(pgid: int) -> set[int]:
+    """The processes of process group ``pgid`` (Linux /proc), zombies excluded."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from Linux's /proc")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_killed_sweep_leaves_no_worker_training_on(tmp_path, signal_name):
+    """SIGTERM (like Ctrl-C) ends the workers before the command exits (130, naming --resume); after SIGKILL of
+    the command the workers (and the multiprocessing manager) notice their parent is gone and end themselves."""
+    import os
+    import signal
+    cfg = tmp_path / "long.toml"
+    cfg.write_text('name = "long"\n[recipe]\nepochs = 100000\nbatch_size = 100\nlr = 0.01\nlatency_rounds = 0\n'
+                   '[grid]\nnets = ["mlp_tiny"]\nseeds = [0, 1]\n'
+                   '[methods.magnitude]\nstrength = "target_sparsity"\nvalues = [0.5]\n')
+    proc = subprocess.Popen([sys.executable, "-m", "bayes_sparse.cli", "bench", str(cfg), "--out",
+                             str(tmp_path / "out"), "--jobs", "2", "--no-progress"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # the command, the multiprocessing manager and two training workers (plus the resource tracker)
+        assert _wait_for(lambda: len(_group_pids(proc.pid)) >= 4, 120), _group_pids(proc.pid)
+        os.kill(proc.pid, getattr(signal, signal_name))
+        proc.wait(timeout=60)
+        if signal_name == "SIGTERM":
+            assert proc.returncode == 130
+            err = proc.stderr.read()
+            assert "2 training(s) in progress were ended" in err and "--resume" in err, err
+        assert _wait_for(lambda: not _group_pids(proc.pid), 30), _group_pids(proc.pid)
+    finally:
+        for pid in _group_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.stderr.close()
