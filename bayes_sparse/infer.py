@@ -83,14 +83,20 @@ def _alias_of_own_param(name: str, param: nn.Parameter, constraint: constraints.
     keeps its reverse entry, so another model's ``pyro.optim`` state can still be saved by name. The weak
     reference goes on the alias, never on ``param`` (a weakref attribute makes ``pickle`` fail).
     """
+    _register_own_param(name, param)
+    alias = param.view_as(param)
+    alias.unconstrained = weakref.ref(param)  # what SVI.step and JitTrace_ELBO read
+    return alias
+
+
+def _register_own_param(name: str, param: Tensor) -> None:
+    """Point the global param store's ``name`` at ``param`` itself, unless it already does (see
+    :func:`_alias_of_own_param` for the bookkeeping)."""
     store = pyro.get_param_store()
     if store._params.get(name) is not param:
         store._params[name] = param
         store._param_to_name[param] = name
         store._constraints[name] = constraints.real
-    alias = param.view_as(param)
-    alias.unconstrained = weakref.ref(param)  # what SVI.step and JitTrace_ELBO read
-    return alias
 
 
 _own_param = effectful(_alias_of_own_param, type="param")
@@ -262,6 +268,16 @@ class SVIModel(PyroModule):
         if y.dim() == 0 or y.shape[0] != x.shape[0]:
             raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0] if y.dim() else 'none (0-d)'}")
 
+    def _net_output(self, x: Tensor, y: Optional[Tensor]) -> Tensor:
+        """The network's output for ``x``, checked to be a tensor, and ``y`` checked by the likelihood (if given)."""
+        out = self.net(x)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the network must return a tensor, got {type(out).__name__}")
+        check = getattr(self.likelihood, "check_target", None)
+        if y is not None and check is not None:
+            check(out, y)
+        return out
+
     def _obs_dist(self, out: Tensor) -> dist.Distribution:
         d = self.likelihood(out)
         if not isinstance(d, torch.distributions.Distribution):
@@ -297,12 +313,7 @@ class SVIModel(PyroModule):
         mode = sampling_mode(net) if y is None else contextlib.nullcontext()
         with mode, pyro.plate("data", size=size, subsample_size=batch,
                               subsample=torch.arange(batch, device=x.device)):
-            out = net(x)
-            if not isinstance(out, Tensor):
-                raise TypeError(f"the network must return a tensor, got {type(out).__name__}")
-            check = getattr(self.likelihood, "check_target", None)
-            if y is not None and check is not None:
-                check(out, y)
+            out = self._net_output(x, y)
             pyro.deterministic("out", out)
             pyro.sample("obs", self._obs_dist(out), obs=y)
         # KL of the Bayesian layers plus the penalties of the others (all in whole-data units)
@@ -595,7 +606,7 @@ def _is_svimodel_structure(model: SVIModel, trace: Any, params: list[Tensor]) ->
     param site per trainable parameter of the model (a ``pyro.param`` of the network's own is not one)."""
     cls = type(model)
     if any(getattr(cls, name) is not getattr(SVIModel, name)
-           for name in ("__call__", "forward", "guide", "_obs_dist", "_check_batch", "_name_params")):
+           for name in ("__call__", "forward", "guide", "_net_output", "_obs_dist", "_check_batch", "_name_params")):
         return False
     if not _still_plain(model):
         return False
@@ -641,18 +652,12 @@ def _direct_loss_and_grads(model: SVIModel, x: Tensor, y: Tensor) -> tuple[float
     accepted a traced step and while :func:`_still_plain` holds.
     """
     model._check_batch(x, y)
-    net, batch = model.net, x.shape[0]
-    out = net(x)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"the network must return a tensor, got {type(out).__name__}")
-    check = getattr(model.likelihood, "check_target", None)
-    if check is not None:
-        check(out, y)
+    out = model._net_output(x, y)
     obs_dist = model._obs_dist(out)
-    log_factor = -regularizer(net)
+    log_factor = -regularizer(model.net)
     weight = model.kl_weight
     reg = (scale_and_mask(log_factor, weight) if weight > 0 else scale_and_mask(log_factor, 1.0, False)).sum()
-    obs = scale_and_mask(obs_dist.log_prob(y), model.num_data / batch).sum()
+    obs = scale_and_mask(obs_dist.log_prob(y), model.num_data / x.shape[0]).sum()
     elbo = 0 + torch_item(obs) + torch_item(reg)
     surrogate = -(obs + reg)
     if surrogate.requires_grad:
@@ -788,10 +793,8 @@ class SVIStep:
             model = self.model
             self._store_names = (ids, [(model._param_name(q), p) for q, p in model.named_parameters()
                                        if p.requires_grad])
-        store = pyro.get_param_store()
         for name, p in self._store_names[1]:
-            if store._params.get(name) is not p:
-                _alias_of_own_param(name, p)
+            _register_own_param(name, p)
 
     def _adam(self, params: list[Tensor]) -> None:
         new = [p for p in params if id(p) not in self._known]
