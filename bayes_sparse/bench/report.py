@@ -78,8 +78,33 @@ def _units(mean: float) -> str:
     return f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.1f}"
 
 
-def summary_markdown(groups: list[Group], title: str = "Benchmark") -> str:
-    """The summary: one table (mean ± 95% CI over seeds) and the Pareto front of each (net, method)."""
+def _grid_values(results: Path) -> Optional[dict[str, set[float]]]:
+    """The strength values of each method in the config the sweep last ran (``config.json`` beside the results,
+    written by ``bayes-sparse bench``), or None when there is none (results from elsewhere)."""
+    path = results.parent / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        methods = json.loads(path.read_text(encoding="utf-8")).get("methods", {})
+        return {name: {float(v) for v in m.get("values", ())} for name, m in methods.items()}
+    except (ValueError, AttributeError, TypeError) as e:
+        warnings.warn(f"{path} is unreadable ({e}); every row is reported as part of the grid", UserWarning,
+                      stacklevel=3)
+        return None
+
+
+def _off_grid(g: Group, grid: Optional[dict[str, set[float]]]) -> bool:
+    return grid is not None and float(g.value) not in grid.get(g.method, set())
+
+
+def summary_markdown(groups: list[Group], title: str = "Benchmark",
+                     grid: Optional[dict[str, set[float]]] = None) -> str:
+    """The summary: one table (mean ± 95% CI over seeds) and the Pareto front of each (net, method).
+
+    ``grid`` (method -> strength values of the config as it stands) marks with † the rows whose strength the
+    config no longer sweeps: runs of an older grid stay in the results file (a run's hash covers its method's
+    options, not the grid's values) and are reported, but flagged, since they may have fewer seeds.
+    """
     lines = [f"# {title}", "",
              "Mean ± half-width of the 95% Student-t confidence interval over seeds (n = seeds; no interval for "
              "n = 1). Errors in %; compression = total / non-zero weights; FLOP reduction = dense / kept MACs; "
@@ -90,7 +115,8 @@ def summary_markdown(groups: list[Group], title: str = "Benchmark") -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         s, n = g.stats, len(g.seeds)
-        lines.append(f"| {g.net} | {g.method} | {g.strength}={g.value:g} | {len(g.seeds)} | "
+        mark = " †" if _off_grid(g, grid) else ""
+        lines.append(f"| {g.net} | {g.method} | {g.strength}={g.value:g}{mark} | {len(g.seeds)} | "
                      f"{_fmt(s.get('test_error'), 100)} | {_fmt(s.get('val_error'), 100)} | "
                      f"{_fmt(s.get('compression'), digits=1, suffix='x')} | "
                      f"{_fmt(s.get('flop_reduction'), digits=1, suffix='x')} | "
@@ -99,6 +125,8 @@ def summary_markdown(groups: list[Group], title: str = "Benchmark") -> str:
                      f"{_fmt(s.get('speedup_shrunk_batch1'), suffix='x', seeds=n)} | "
                      f"{_fmt(s.get('speedup_shrunk_batch64'), suffix='x', seeds=n)} | "
                      f"{_fmt(s.get('units_kept_total'), digits=0)} | {'-'.join(_units(u) for u in g.units_kept)} |")
+    if any(_off_grid(g, grid) for g in groups):
+        lines += ["", "† a strength the config no longer sweeps: runs of an earlier grid, kept in the results file."]
     lines += ["", "## Pareto fronts (test error vs compression, means over seeds)", ""]
     for (net, method), gs in _by_net_method(groups).items():
         pts = [(g.stats["test_error"].mean, g.stats["compression"].mean) for g in gs
@@ -137,7 +165,7 @@ def write_report(results: Union[str, Path], out: Optional[Union[str, Path]] = No
     recipe = rows[0].get("recipe_hash", rows[0].get("config_hash"))
     title = f"Benchmark {rows[0].get('config_name', '')} (recipe {recipe})"
     summary = out / "summary.md"
-    summary.write_text(summary_markdown(groups, title))
+    summary.write_text(summary_markdown(groups, title, grid=_grid_values(results)))
     as_json = out / "summary.json"
     as_json.write_text(json.dumps([{"net": g.net, "method": g.method, "strength": g.strength, "value": g.value,
                                     "seeds": list(g.seeds), **{k: v.to_dict() for k, v in g.stats.items()},
@@ -163,10 +191,14 @@ def readme_block(rows: list[dict[str, Any]], summary: str, plot: Optional[Path],
               f"{recipe.get('warmup', '?')}, {recipe.get('pretrain_epochs', 0)} dense pre-training and "
               f"{recipe.get('finetune_epochs', 0)} fine-tuning epochs") if recipe else "recipe not recorded"
     table = [line for line in summary.splitlines() if line.startswith("|")]
+    notes = [line for line in summary.splitlines() if line.startswith("†")]
+    per_row = sorted({int(line.split("|")[4]) for line in table[2:] if line.split("|")[4].strip().isdigit()})
+    fewer = (f"; rows with fewer seeds ({', '.join(map(str, per_row[:-1]))}) say so in the seeds column"
+             if len(per_row) > 1 else "")
     lines = [f"Generated by `bayes-sparse report` from {len(rows)} runs of config `{rows[0].get('config_name')}` "
              f"({', '.join(nets)}; {len(seeds)} seed{'s' if len(seeds) != 1 else ''}: "
-             f"{', '.join(map(str, seeds))}). Budget, identical for every method: {budget}. "
-             "Mean ± 95% CI over seeds.", "", *table]
+             f"{', '.join(map(str, seeds))}{fewer}). Budget, identical for every method: {budget}. "
+             "Mean ± 95% CI over seeds.", "", *table, *([""] + notes if notes else [])]
     if plot is not None:
         lines += ["", f"![error vs compression]({Path(os.path.relpath(plot, base)).as_posix()})"]
     return "\n".join(lines)

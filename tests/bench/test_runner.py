@@ -154,6 +154,33 @@ def test_report_puts_table_budget_and_plot_into_the_readme_block(bench_dir, tmp_
     assert f"<!-- bench:{name}:start -->" in capsys.readouterr().err and bare.read_text() == "no markers\n"
 
 
+def test_report_flags_strengths_the_config_no_longer_sweeps_and_rows_with_fewer_seeds(bench_dir, tmp_path):
+    folder = tmp_path / "old_grid"
+    folder.mkdir()
+    rows = [json.loads(x) for x in lines(bench_dir)]
+    # one vd run lost (a part not yet run), and the config's grid since changed magnitude's value 0.5 -> 0.9
+    kept = [r for r in rows if r["key"] != "mlp_tiny/vd/threshold=3/seed=1"]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    config = json.loads((bench_dir / "config.json").read_text())
+    config["methods"]["magnitude"]["values"] = [0.9]
+    (folder / "config.json").write_text(json.dumps(config))
+    readme = tmp_path / "README.md"
+    name = rows[0]["config_name"]
+    readme.write_text(f"<!-- bench:{name}:start -->\n<!-- bench:{name}:end -->\n")
+    assert cli.main(["report", str(folder / "results.jsonl"), "--readme", str(readme)]) == 0
+    table = [line for line in (folder / "summary.md").read_text().splitlines() if line.startswith("| mlp_tiny")]
+    by_method = {line.split("|")[2].strip(): line for line in table}
+    assert "target_sparsity=0.5 †" in by_method["magnitude"] and "threshold=3 |" in by_method["vd"]
+    assert [cell.strip() for cell in by_method["vd"].split("|")][4] == "1"
+    block = readme.read_text()
+    assert "† a strength the config no longer sweeps" in block
+    assert "2 seeds: 0, 1; rows with fewer seeds (1) say so in the seeds column" in block
+    # without a config.json (results from elsewhere) nothing is flagged
+    (folder / "config.json").unlink()
+    assert cli.main(["report", str(folder / "results.jsonl")]) == 0
+    assert "†" not in (folder / "summary.md").read_text()
+
+
 def test_inspect_prints_the_table_of_a_saved_file(bench_dir, capsys):
     path = json.loads(lines(bench_dir)[0])["model_path"]
     assert cli.main(["inspect", path]) == 0
