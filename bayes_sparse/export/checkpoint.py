@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Union
 
 from torch import Tensor, nn
@@ -42,7 +43,7 @@ def save_checkpoint(model: nn.Module, path: PathLike) -> str:
         >>> _ = save_checkpoint(net, p); load_checkpoint(bs.sparsify(nn.Sequential(nn.Linear(4, 2))), p)[0].method
         'vd'
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
 
     check_module(model)
     tensors: dict[str, Tensor] = {}
@@ -61,7 +62,9 @@ def save_checkpoint(model: nn.Module, path: PathLike) -> str:
         extra_json = json.dumps(extra)
     except TypeError as e:
         raise TypeError(f"a non-tensor state_dict entry cannot be stored as JSON: {e}") from e
-    save_file(tensors, str(path), metadata={"format": _FORMAT, "extra_state": extra_json})
+    # written through Python rather than safetensors' save_file, which creates the file 0600 whatever the
+    # umask: a checkpoint gets the permissions of any other file its user writes
+    Path(path).write_bytes(to_bytes(tensors, metadata={"format": _FORMAT, "extra_state": extra_json}))
     return str(path)
 
 

@@ -1,5 +1,8 @@
 """to_dense: plain torch layers, original state_dict keys, identical outputs."""
 
+import os
+import stat
+
 import pytest
 import torch
 from torch import nn
@@ -114,3 +117,15 @@ def test_checkpoints_round_trip_without_pickle(method, tmp_path):
     assert fresh[0].mask_fixed and fresh[0].warmup == (0.1, 0.5)
     with pytest.raises(RuntimeError, match="load it into a model sparsified with method="):
         bs.export.load_checkpoint(bs.sparsify(make(), method="vd" if method != "vd" else "l1"), path)
+
+
+def test_checkpoint_files_get_the_users_usual_permissions(tmp_path):
+    # safetensors' save_file creates 0600 files whatever the umask; a checkpoint is written like any other file
+    old = os.umask(0o022)
+    try:
+        path = bs.export.save_checkpoint(bs.sparsify(nn.Sequential(nn.Linear(3, 2))), tmp_path / "c.safetensors")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
