@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 import matplotlib.ticker
@@ -12,36 +15,69 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .aggregate import Group  # noqa: E402
 
-__all__ = ["plot_all", "plot_density", "plot_histograms", "plot_speedup", "plot_tradeoff"]
+__all__ = ["off_scale_ceiling", "plot_all", "plot_density", "plot_histograms", "plot_speedup", "plot_tradeoff"]
 
 
 def _nets(groups: list[Group]) -> list[str]:
     return sorted({g.net for g in groups})
 
 
+#: Errors above this multiple of the median point's error are drawn off-scale (a collapsed run at 60% would
+#: otherwise squeeze every useful point of the plot into its bottom tenth).
+OFF_SCALE_FACTOR = 4.0
+
+
+def off_scale_ceiling(errors: list[float], factor: float = OFF_SCALE_FACTOR) -> Optional[float]:
+    """The top of the error axis when some points are far above the rest: ``factor`` x the median error, or
+    None when every error is below that (no point is drawn off-scale)."""
+    finite = sorted(e for e in errors if math.isfinite(e) and e > 0)
+    if not finite:
+        return None
+    ceiling = factor * statistics.median(finite)
+    return ceiling if finite[-1] > ceiling else None
+
+
 def plot_tradeoff(groups: list[Group], net: str, path: Path) -> Path:
-    """Test error vs compression (log x), 95% CI error bars both ways, one curve per method."""
+    """Test error vs compression (log x), 95% CI error bars both ways, one curve per method.
+
+    A point far above the others (a collapsed run, see :func:`off_scale_ceiling`) is drawn as a triangle at
+    the top edge labelled with its error, so the axis stays on the errors that matter.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = []
     for method in sorted({g.method for g in groups if g.net == net}):
         gs = sorted((g for g in groups if g.net == net and g.method == method
                      and "compression" in g.stats and "test_error" in g.stats),
                     key=lambda g: g.stats["compression"].mean)
-        if not gs:
-            continue
+        if gs:
+            curves.append((method, gs))
+    ceiling = off_scale_ceiling([100 * g.stats["test_error"].mean for _, gs in curves for g in gs])
+    for method, gs in curves:
         x = [g.stats["compression"].mean for g in gs]
         y = [100 * g.stats["test_error"].mean for g in gs]
         xerr = [g.stats["compression"].half_width or 0.0 for g in gs]
         yerr = [100 * (g.stats["test_error"].half_width or 0.0) for g in gs]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=method)
+        off = [ceiling is not None and v > ceiling for v in y]
+        shown = [ceiling if o else v for v, o in zip(y, off)]
+        line = ax.errorbar(x, shown, xerr=xerr, yerr=[0.0 if o else e for e, o in zip(yerr, off)], marker="o",
+                           capsize=3, label=method)
+        color = line[0].get_color()
+        for xi, v, o in zip(x, y, off):
+            if o:
+                ax.plot([xi], [ceiling], marker="^", markersize=9, color=color, clip_on=False)
+                ax.annotate(f"{v:.0f}%", (xi, ceiling), textcoords="offset points", xytext=(6, -10),
+                            fontsize=8, color=color)
     ax.set_xscale("log")
-    ax.set_yscale("log")  # a collapsed run (tens of %) and the 1-3% that matter on one readable axis
+    ax.set_yscale("log")
+    if ceiling is not None:
+        ax.set_ylim(top=ceiling)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("compression (total / non-zero weights, log scale)")
-    ax.set_ylabel("test error (%, log scale)")
+    ax.set_ylabel("test error (%, log scale)" + ("; ▲ off-scale, labelled" if ceiling is not None else ""))
     ax.set_title(f"{net}: error vs compression (mean ± 95% CI over seeds)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
