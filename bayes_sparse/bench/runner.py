@@ -222,8 +222,6 @@ def execute(config: Config, training: Training, out_dir: Union[str, Path], devic
     bar positions shared by the workers.
     """
     wall = time.perf_counter()
-    if multiprocessing.parent_process() is not None:
-        _end_with_parent()
     if single_thread:
         torch.set_num_threads(1)
     position = slots.get() if slots is not None else 1
@@ -235,15 +233,27 @@ def execute(config: Config, training: Training, out_dir: Union[str, Path], devic
 
 
 def _end_with_parent(period: float = 2.0) -> None:
-    """In a worker: end this process when the sweep's process is gone (killed with SIGKILL, say), since no
-    result of this training could be recorded any more; otherwise it would train on, unseen, to the end."""
-    parent = os.getppid()
+    """In a worker or the manager (the pool's and the manager's initializer): end this process when the sweep's
+    process is gone (killed with SIGKILL, say), since no result of this training could be recorded any more;
+    otherwise it would train on, unseen, to the end. Does nothing in a process multiprocessing did not start.
+
+    The parent is the one multiprocessing recorded at spawn, not ``os.getppid()`` read here: a sweep killed
+    while this process was still starting up (importing torch) has already left it to another parent.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def orphaned() -> bool:
+        return os.getppid() != parent.pid
+
+    if orphaned():
+        os._exit(1)
 
     def watch() -> None:
-        while True:
+        while not orphaned():
             time.sleep(period)
-            if os.getppid() != parent:
-                os._exit(1)
+        os._exit(1)
 
     threading.Thread(target=watch, name="bayes-sparse-parent-watch", daemon=True).start()
 
@@ -505,7 +515,9 @@ def _run_bench(config: Config, out: Path, trainings: list[Training], jobs: int, 
         slots = manager.Queue()
         for i in range(1, jobs + 1):
             slots.put(i)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        # each worker watches for the sweep's end from its start, before it has a training to run
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1,
+                                 initializer=_end_with_parent) as pool:
             pending = {pool.submit(execute, config, t, str(out), device, slots, jobs > 1, progress): t
                        for t in todo}
             try:

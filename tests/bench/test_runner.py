@@ -395,6 +395,61 @@ def _wait_for(predicate, timeout: float) -> bool:
     return predicate()
 
 
+_ORPHAN_DRIVER = """
+import multiprocessing, os, sys, time
+from pathlib import Path
+
+
+def child(before, ready):
+    time.sleep(before)  # still starting up (importing torch, say) when the sweep is killed, or not
+    from bayes_sparse.bench.runner import _end_with_parent
+    _end_with_parent(period=0.2)
+    Path(ready).touch()
+    time.sleep(120)  # a training that would go on, unseen
+
+
+if __name__ == "__main__":
+    before, ready, pid_file = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+    p = multiprocessing.get_context("spawn").Process(target=child, args=(before, ready))
+    p.start()
+    Path(pid_file).write_text(str(p.pid))
+    while before == 0 and not Path(ready).exists():  # the watch runs: die under it
+        time.sleep(0.05)
+    os._exit(0)  # killed outright: no clean-up, the child is left to another parent
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux's /proc")
+@pytest.mark.parametrize("before", [0.0, 3.0], ids=["killed-while-watching", "killed-before-the-watch-starts"])
+def test_a_process_of_the_sweep_ends_when_the_sweep_dies_even_before_its_watch_starts(tmp_path, before):
+    # the second case is the race a SIGKILL'd sweep hit: a worker still importing when its parent died read the
+    # new parent's pid as "the sweep's" and trained on for ever
+    import os
+    import signal
+    script = tmp_path / "driver.py"
+    script.write_text(_ORPHAN_DRIVER)
+    # no pipes to the driver: the child inherits them, and waiting for their end would wait for the child
+    with open(tmp_path / "stderr", "w") as err:
+        code = subprocess.run([sys.executable, str(script), str(before), str(tmp_path / "ready"),
+                               str(tmp_path / "pid")], stdout=subprocess.DEVNULL, stderr=err, timeout=120,
+                              cwd=Path(__file__).resolve().parents[2]).returncode
+    assert code == 0, (tmp_path / "stderr").read_text()
+    pid = int((tmp_path / "pid").read_text())
+    assert before == 0 or _alive(pid)  # the sweep is gone while its process is still starting up
+    try:
+        assert _wait_for(lambda: not _alive(pid), before + 30), f"process {pid} outlived the sweep"
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from Linux's /proc")
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 def test_a_killed_sweep_leaves_no_worker_training_on(tmp_path, signal_name):
