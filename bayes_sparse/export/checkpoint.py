@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Union
 
@@ -43,7 +44,7 @@ def save_checkpoint(model: nn.Module, path: PathLike) -> str:
         >>> _ = save_checkpoint(net, p); load_checkpoint(bs.sparsify(nn.Sequential(nn.Linear(4, 2))), p)[0].method
         'vd'
     """
-    from safetensors.torch import save as to_bytes
+    from safetensors.torch import save_file
 
     check_module(model)
     tensors: dict[str, Tensor] = {}
@@ -62,9 +63,14 @@ def save_checkpoint(model: nn.Module, path: PathLike) -> str:
         extra_json = json.dumps(extra)
     except TypeError as e:
         raise TypeError(f"a non-tensor state_dict entry cannot be stored as JSON: {e}") from e
-    # written through Python rather than safetensors' save_file, which creates the file 0600 whatever the
-    # umask: a checkpoint gets the permissions of any other file its user writes
-    Path(path).write_bytes(to_bytes(tensors, metadata={"format": _FORMAT, "extra_state": extra_json}))
+    # safetensors' save_file streams the tensors to disk (no second, serialized copy in memory) but leaves the
+    # file 0600 whatever the umask: the file is first created as any other (or kept, with its mode, when it
+    # exists), and its mode is put back afterwards
+    target = Path(path)
+    target.touch()
+    mode = stat.S_IMODE(target.stat().st_mode)
+    save_file(tensors, str(target), metadata={"format": _FORMAT, "extra_state": extra_json})
+    os.chmod(target, mode)
     return str(path)
 
 
