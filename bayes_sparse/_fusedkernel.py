@@ -4,13 +4,16 @@
 term, and in the backward pass their derivatives. Written with ATen operations that is about fifteen
 passes over the weights each way, a few of them transcendental; on a LeNet-300-100 step they cost more than
 the matrix products. Here the forward is one pass (and a sum), the backward one pass that recomputes what it
-needs from ``theta`` and ``log sigma^2`` (so nothing per weight is kept between them). The loops are plain
+needs from ``theta`` and ``log sigma^2`` (so nothing per weight is kept between them: in a training step the
+backward is bound by memory traffic, and keeping alpha and ``s`` to save its exp/log made it no faster). The
+loops are plain
 C++ that the compiler vectorizes, ``exp``/``log`` included (glibc's vector maths, declared SIMD-callable;
 no ``-ffast-math``, so NaN and inf propagate as in the ATen formulas), and rows are split across threads.
 
 L0's hard-concrete gates take the same route: one pass draws the uniform noise (a counter-based hash of a seed
-taken from torch's generator, so ``torch.manual_seed`` still fixes it, and the backward recomputes it rather
-than keeping it), forms the gates and sums the expected L0; one pass computes the gradient.
+taken from torch's generator, so ``torch.manual_seed`` still fixes it; the loop vectorizes, where torch's
+generator fills a tensor one number at a time), forms the gates, keeps each gate's derivative w.r.t. log alpha
+(and, for the gated weight, the gate) and sums the expected L0; one pass computes the gradient from those.
 
 The kernel is float32-only and CPU-only, and only used outside ``torch.compile`` tracing; everything else
 (float64 for ``gradcheck``, CUDA, compiled graphs, machines without a compiler, ``BAYES_SPARSE_NO_CPP=1``)
@@ -160,8 +163,8 @@ std::vector<torch::Tensor> vd_backward(torch::Tensor theta, torch::Tensor log_si
 
 // ----- hard-concrete gates (L0) ---------------------------------------------------------------------------
 // Uniform noise from a counter-based hash of (seed, index): two rounds of murmur3's 32-bit finalizer, the top
-// 24 bits centred in (0, 1). Reproducible from the seed alone, so the backward pass recomputes it instead of
-// keeping it, and the loop vectorizes (torch's generator fills a tensor one number at a time).
+// 24 bits centred in (0, 1). Reproducible from the seed alone (hc_uniform gives it to the tests), and the loop
+// vectorizes (torch's generator fills a tensor one number at a time).
 static inline uint32_t fmix32(uint32_t h) {
   h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16;
   return h;
@@ -177,37 +180,49 @@ struct HC { float beta, gamma, zeta, shift; };
 
 // THETA: the output is theta * gate (the gated weight) instead of the gate, and the backward returns the
 // gradients w.r.t. theta and log alpha in the same pass (no separate multiplication, in either direction).
-template <bool MASKED, bool THETA>
-static float hc_forward_chunk(const float* la, const float* m, const float* th, float* out, uint32_t s0,
-                              uint32_t s1, HC k, int64_t i0, int64_t i1) {
+// The forward also writes the gate's derivative w.r.t. log alpha (0 where the gate is clamped) and, with THETA,
+// the gate: the backward then needs neither the noise nor its logs and exps again.
+// TWO_THIRDS (beta == 2/3, the paper's and the package's default): with r = (1 - u) / u and e = exp(-log alpha / 2),
+// exp(-(logit u + log alpha) / beta) = r sqrt(r) e^3 and exp(-(log alpha - shift)) = exp(shift) e^2, so the
+// gate and the expected L0 cost one exp and one sqrt instead of a log and two exps. Overflow of e^2 or e^3
+// (log alpha < -59) gives s = 0 and p = 0, underflow (log alpha > 59) s = 1: the limits of the exact forms.
+template <bool MASKED, bool THETA, bool TWO_THIRDS>
+static float hc_forward_chunk(const float* la, const float* m, const float* th, float* out, float* kg, float* kd,
+                              uint32_t s0, uint32_t s1, HC k, int64_t i0, int64_t i1) {
   float acc = 0.f;
+  const float exp_shift = std::exp(k.shift);
   #pragma omp simd reduction(+:acc)
   for (int64_t i = i0; i < i1; ++i) {
     const float u = uniform(s0, s1, i);
-    const float s = 1.f / (1.f + expf(-(logf(u / (1.f - u)) + la[i]) / k.beta));  // logit(u): one log
+    float s, p;
+    if (TWO_THIRDS) {
+      const float r = (1.f - u) / u, e = expf(-0.5f * la[i]), e2 = e * e;
+      s = 1.f / (1.f + r * sqrtf(r) * (e2 * e));
+      p = 1.f / (1.f + exp_shift * e2);
+    } else {
+      s = 1.f / (1.f + expf(-(logf(u / (1.f - u)) + la[i]) / k.beta));  // logit(u): one log
+      p = 1.f / (1.f + expf(-(la[i] - k.shift)));
+    }
     const float st = s * (k.zeta - k.gamma) + k.gamma;
     const float gate = st < 0.f ? 0.f : (st > 1.f ? 1.f : st);
     out[i] = THETA ? th[i] * gate : gate;
-    const float p = 1.f / (1.f + expf(-(la[i] - k.shift)));
+    if (THETA) kg[i] = gate;
+    kd[i] = (st > 0.f && st < 1.f) ? (k.zeta - k.gamma) / k.beta * s * (1.f - s) : 0.f;
     acc += MASKED ? p * m[i] : p;
   }
   return acc;
 }
 
 template <bool MASKED, bool HAS_GG, bool THETA>
-static void hc_backward_chunk(const float* la, const float* m, const float* gg, const float* th, float* grad,
-                              float* g_th, uint32_t s0, uint32_t s1, HC k, float gl0, int64_t i0, int64_t i1) {
+static void hc_backward_chunk(const float* la, const float* m, const float* gg, const float* th, const float* kg,
+                              const float* kd, float* grad, float* g_th, HC k, float gl0, int64_t i0, int64_t i1) {
   #pragma omp simd
   for (int64_t i = i0; i < i1; ++i) {
     float g = 0.f, gt = 0.f;
     if (HAS_GG) {
-      const float u = uniform(s0, s1, i);
-      const float s = 1.f / (1.f + expf(-(logf(u / (1.f - u)) + la[i]) / k.beta));  // logit(u): one log
-      const float st = s * (k.zeta - k.gamma) + k.gamma;
-      const float gate = st < 0.f ? 0.f : (st > 1.f ? 1.f : st);
       const float go = THETA ? gg[i] * th[i] : gg[i];  // gradient reaching the gate
-      g = (st > 0.f && st < 1.f) ? go * (k.zeta - k.gamma) / k.beta * s * (1.f - s) : 0.f;
-      gt = gg[i] * gate;
+      g = go * kd[i];
+      gt = THETA ? gg[i] * kg[i] : 0.f;
     }
     const float p = 1.f / (1.f + expf(-(la[i] - k.shift)));
     grad[i] = g + gl0 * (MASKED ? m[i] : 1.f) * p * (1.f - p);
@@ -215,7 +230,8 @@ static void hc_backward_chunk(const float* la, const float* m, const float* gg, 
   }
 }
 
-// Returns (gates, or theta * gates when theta is not empty; expected L0 summed over the mask as a 0-d tensor).
+// Returns (gates, or theta * gates when theta is not empty; expected L0 summed over the mask as a 0-d tensor;
+// the gates when theta is given, else an empty tensor; the gates' derivatives): the last two are the backward's.
 std::vector<torch::Tensor> hc_forward(torch::Tensor log_alpha, torch::Tensor mask, torch::Tensor theta,
                                       int64_t seed, double beta, double gamma, double zeta) {
   check(log_alpha, log_alpha, "log_alpha");
@@ -223,54 +239,71 @@ std::vector<torch::Tensor> hc_forward(torch::Tensor log_alpha, torch::Tensor mas
   if (masked) check(mask, log_alpha, "mask");
   if (with_theta) check(theta, log_alpha, "theta");
   auto out = torch::empty_like(log_alpha);
+  auto gates = with_theta ? torch::empty_like(log_alpha) : torch::empty({0}, log_alpha.options());
+  auto deriv = torch::empty_like(log_alpha);
   const float* la = log_alpha.data_ptr<float>();
   const float* m = masked ? mask.data_ptr<float>() : nullptr;
   const float* th = with_theta ? theta.data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
+  float* kg = with_theta ? gates.data_ptr<float>() : nullptr;
+  float* kd = deriv.data_ptr<float>();
   const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   const HC k{static_cast<float>(beta), static_cast<float>(gamma), static_cast<float>(zeta),
              static_cast<float>(beta * std::log(-gamma / zeta))};
+  const bool two_thirds = std::abs(beta - 2.0 / 3.0) < 1e-12;
   const double total = chunked_sum(log_alpha.numel(), [&](int64_t i0, int64_t i1) {
-    if (masked && with_theta) return hc_forward_chunk<true, true>(la, m, th, o, s0, s1, k, i0, i1);
-    if (masked) return hc_forward_chunk<true, false>(la, m, th, o, s0, s1, k, i0, i1);
-    if (with_theta) return hc_forward_chunk<false, true>(la, m, th, o, s0, s1, k, i0, i1);
-    return hc_forward_chunk<false, false>(la, m, th, o, s0, s1, k, i0, i1);
+    if (two_thirds) {
+      if (masked && with_theta) return hc_forward_chunk<true, true, true>(la, m, th, o, kg, kd, s0, s1, k, i0, i1);
+      if (masked) return hc_forward_chunk<true, false, true>(la, m, th, o, kg, kd, s0, s1, k, i0, i1);
+      if (with_theta) return hc_forward_chunk<false, true, true>(la, m, th, o, kg, kd, s0, s1, k, i0, i1);
+      return hc_forward_chunk<false, false, true>(la, m, th, o, kg, kd, s0, s1, k, i0, i1);
+    }
+    if (masked && with_theta) return hc_forward_chunk<true, true, false>(la, m, th, o, kg, kd, s0, s1, k, i0, i1);
+    if (masked) return hc_forward_chunk<true, false, false>(la, m, th, o, kg, kd, s0, s1, k, i0, i1);
+    if (with_theta) return hc_forward_chunk<false, true, false>(la, m, th, o, kg, kd, s0, s1, k, i0, i1);
+    return hc_forward_chunk<false, false, false>(la, m, th, o, kg, kd, s0, s1, k, i0, i1);
   });
-  return {out, torch::tensor(static_cast<float>(total))};
+  return {out, torch::tensor(static_cast<float>(total)), gates, deriv};
 }
 
 // Gradients of <g_out, out> + g_l0 * L0 w.r.t. log alpha and, when theta is not empty (out = theta * gates),
-// w.r.t. theta (else an empty tensor); g_out may be empty (no gradient).
+// w.r.t. theta (else an empty tensor), from the forward's gates and derivatives; g_out may be empty (no
+// gradient).
 std::vector<torch::Tensor> hc_backward(torch::Tensor log_alpha, torch::Tensor mask, torch::Tensor theta,
-                                       torch::Tensor g_out, double g_l0, int64_t seed, double beta, double gamma,
-                                       double zeta) {
+                                       torch::Tensor gates, torch::Tensor deriv, torch::Tensor g_out, double g_l0,
+                                       double beta, double gamma, double zeta) {
   check(log_alpha, log_alpha, "log_alpha");
   const bool masked = mask.numel() > 0, has_gg = g_out.numel() > 0, with_theta = theta.numel() > 0;
   if (masked) check(mask, log_alpha, "mask");
   if (has_gg) check(g_out, log_alpha, "g_out");
-  if (with_theta) check(theta, log_alpha, "theta");
+  if (with_theta) {
+    check(theta, log_alpha, "theta");
+    check(gates, log_alpha, "gates");
+  }
+  check(deriv, log_alpha, "deriv");
   auto grad = torch::empty_like(log_alpha);
   auto g_theta = with_theta ? torch::empty_like(log_alpha) : torch::empty({0}, log_alpha.options());
   const float* la = log_alpha.data_ptr<float>();
   const float* m = masked ? mask.data_ptr<float>() : nullptr;
   const float* gg = has_gg ? g_out.data_ptr<float>() : nullptr;
   const float* th = with_theta ? theta.data_ptr<float>() : nullptr;
+  const float* kg = with_theta ? gates.data_ptr<float>() : nullptr;
+  const float* kd = deriv.data_ptr<float>();
   float* out = grad.data_ptr<float>();
   float* gt = with_theta ? g_theta.data_ptr<float>() : nullptr;
-  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   const HC k{static_cast<float>(beta), static_cast<float>(gamma), static_cast<float>(zeta),
              static_cast<float>(beta * std::log(-gamma / zeta))};
   const float gl = static_cast<float>(g_l0);
   at::parallel_for(0, log_alpha.numel(), GRAIN, [&](int64_t i0, int64_t i1) {
     // without an incoming gradient theta's is 0 and the gate's derivative is not needed
     if (!has_gg) {
-      if (masked) hc_backward_chunk<true, false, false>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
-      else hc_backward_chunk<false, false, false>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
+      if (masked) hc_backward_chunk<true, false, false>(la, m, gg, th, kg, kd, out, gt, k, gl, i0, i1);
+      else hc_backward_chunk<false, false, false>(la, m, gg, th, kg, kd, out, gt, k, gl, i0, i1);
       if (with_theta) std::fill(gt + i0, gt + i1, 0.f);
-    } else if (masked && with_theta) hc_backward_chunk<true, true, true>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
-    else if (masked) hc_backward_chunk<true, true, false>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
-    else if (with_theta) hc_backward_chunk<false, true, true>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
-    else hc_backward_chunk<false, true, false>(la, m, gg, th, out, gt, s0, s1, k, gl, i0, i1);
+    } else if (masked && with_theta) hc_backward_chunk<true, true, true>(la, m, gg, th, kg, kd, out, gt, k, gl, i0, i1);
+    else if (masked) hc_backward_chunk<true, true, false>(la, m, gg, th, kg, kd, out, gt, k, gl, i0, i1);
+    else if (with_theta) hc_backward_chunk<false, true, true>(la, m, gg, th, kg, kd, out, gt, k, gl, i0, i1);
+    else hc_backward_chunk<false, true, false>(la, m, gg, th, kg, kd, out, gt, k, gl, i0, i1);
   });
   return {grad, g_theta};
 }
@@ -356,26 +389,29 @@ def new_seed() -> int:
 
 
 def hc_forward(log_alpha: Tensor, mask: Optional[Tensor], seed: int, beta: float, gamma: float,
-               zeta: float, theta: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """``(gates, expected L0 summed over mask)`` with the uniform noise of ``seed``; no autograd. With ``theta``
-    the first output is the gated weight ``theta * gates`` instead (one pass, no separate multiplication)."""
+               zeta: float, theta: Optional[Tensor] = None) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """``(gates, expected L0 summed over mask, saved)`` with the uniform noise of ``seed``; no autograd. With
+    ``theta`` the first output is the gated weight ``theta * gates`` instead (one pass, no separate
+    multiplication). ``saved`` (the gates when ``theta`` is given, and their derivatives w.r.t. log alpha,
+    flat) is what :func:`hc_backward` needs besides ``log_alpha`` and ``theta``."""
     mod = _load()
     if mod is None:
         raise RuntimeError("the C++ kernel is unavailable on this machine")
-    out, l0 = mod.hc_forward(_flat(log_alpha), _flat(mask), _flat(theta), int(seed), float(beta), float(gamma),
-                             float(zeta))
-    return out.view_as(log_alpha), l0
+    out, l0, gates, deriv = mod.hc_forward(_flat(log_alpha), _flat(mask), _flat(theta), int(seed), float(beta),
+                                           float(gamma), float(zeta))
+    return out.view_as(log_alpha), l0, (gates, deriv)
 
 
-def hc_backward(log_alpha: Tensor, mask: Optional[Tensor], g_gates: Optional[Tensor], g_l0: float, seed: int,
-                beta: float, gamma: float, zeta: float, theta: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Gradients of ``<g_gates, out> + g_l0 * L0`` (the noise recomputed from ``seed``) w.r.t. ``log_alpha`` and,
-    when ``theta`` is given (``out = theta * gates``), w.r.t. ``theta`` (else ``None``)."""
+def hc_backward(log_alpha: Tensor, mask: Optional[Tensor], g_gates: Optional[Tensor], g_l0: float,
+                saved: tuple[Tensor, Tensor], beta: float, gamma: float, zeta: float,
+                theta: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Gradients of ``<g_gates, out> + g_l0 * L0`` (from :func:`hc_forward`'s ``saved``) w.r.t. ``log_alpha``
+    and, when ``theta`` is given (``out = theta * gates``), w.r.t. ``theta`` (else ``None``)."""
     mod = _load()
     if mod is None:
         raise RuntimeError("the C++ kernel is unavailable on this machine")
-    grad, g_theta = mod.hc_backward(_flat(log_alpha), _flat(mask), _flat(theta), _flat(g_gates), float(g_l0),
-                                    int(seed), float(beta), float(gamma), float(zeta))
+    grad, g_theta = mod.hc_backward(_flat(log_alpha), _flat(mask), _flat(theta), saved[0], saved[1], _flat(g_gates),
+                                    float(g_l0), float(beta), float(gamma), float(zeta))
     return grad.view_as(log_alpha), (g_theta.view_as(log_alpha) if theta is not None else None)
 
 

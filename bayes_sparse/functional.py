@@ -441,18 +441,19 @@ class _HardConcreteGatesCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_alpha: Tensor, mask: Optional[Tensor], seed: int, beta: float, gamma: float, zeta: float):
-        gates, l0 = _fusedkernel.hc_forward(log_alpha, mask, seed, beta, gamma, zeta)
-        ctx.save_for_backward(log_alpha, mask)
-        ctx.constants = (seed, beta, gamma, zeta)
+        gates, l0, (_, deriv) = _fusedkernel.hc_forward(log_alpha, mask, seed, beta, gamma, zeta)
+        ctx.save_for_backward(log_alpha, mask, deriv)
+        ctx.constants = (beta, gamma, zeta)
         return gates, l0
 
     @staticmethod
     def backward(ctx, g_gates: Optional[Tensor], g_l0: Optional[Tensor]):
         _refuse_double_backward("hard_concrete_gates")
-        log_alpha, mask = ctx.saved_tensors
-        seed, beta, gamma, zeta = ctx.constants
+        log_alpha, mask, deriv = ctx.saved_tensors
+        beta, gamma, zeta = ctx.constants
         g_l0_value = 0.0 if g_l0 is None else float(g_l0)
-        grad, _ = _fusedkernel.hc_backward(log_alpha, mask, g_gates, g_l0_value, seed, beta, gamma, zeta)
+        grad, _ = _fusedkernel.hc_backward(log_alpha, mask, g_gates, g_l0_value, (torch.empty(0), deriv), beta, gamma,
+                                           zeta)
         return grad, None, None, None, None, None
 
 
@@ -464,19 +465,19 @@ class _HardConcreteWeightCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta: Tensor, log_alpha: Tensor, mask: Optional[Tensor], seed: int, beta: float,
                 gamma: float, zeta: float):
-        weight, l0 = _fusedkernel.hc_forward(log_alpha, mask, seed, beta, gamma, zeta, theta=theta)
-        ctx.save_for_backward(theta, log_alpha, mask)
-        ctx.constants = (seed, beta, gamma, zeta)
+        weight, l0, (gates, deriv) = _fusedkernel.hc_forward(log_alpha, mask, seed, beta, gamma, zeta, theta=theta)
+        ctx.save_for_backward(theta, log_alpha, mask, gates, deriv)
+        ctx.constants = (beta, gamma, zeta)
         return weight, l0
 
     @staticmethod
     def backward(ctx, g_weight: Optional[Tensor], g_l0: Optional[Tensor]):
         _refuse_double_backward("hard_concrete_weight")
-        theta, log_alpha, mask = ctx.saved_tensors
-        seed, beta, gamma, zeta = ctx.constants
+        theta, log_alpha, mask, gates, deriv = ctx.saved_tensors
+        beta, gamma, zeta = ctx.constants
         g_l0_value = 0.0 if g_l0 is None else float(g_l0)
-        grad, g_theta = _fusedkernel.hc_backward(log_alpha, mask, g_weight, g_l0_value, seed, beta, gamma, zeta,
-                                                 theta=theta)
+        grad, g_theta = _fusedkernel.hc_backward(log_alpha, mask, g_weight, g_l0_value, (gates, deriv), beta, gamma,
+                                                 zeta, theta=theta)
         return g_theta, grad, None, None, None, None, None
 
 

@@ -185,21 +185,24 @@ def test_cpp_vd_kernel_propagates_nan_and_inf_as_the_aten_formulas():
 @pytest.mark.skipif(not _fusedkernel.available(), reason="no C++ compiler: the ATen formulas serve")
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("with_g_gates", [True, False])
-def test_cpp_hard_concrete_kernel_equals_the_float64_formulas_on_its_noise(masked, with_g_gates):
-    """The C++ gates against the composed ATen formulas in float64 fed the same noise (``hc_uniform``)."""
+@pytest.mark.parametrize("beta", [BF.HC_BETA, 0.5])  # the kernel's 2/3 shortcut (one exp) and its general form
+def test_cpp_hard_concrete_kernel_equals_the_float64_formulas_on_its_noise(masked, with_g_gates, beta):
+    """The C++ gates against the composed ATen formulas in float64 fed the same noise (``hc_uniform``), log
+    alphas far out in both tails included (where the 2/3 shortcut's exp over- or underflows)."""
     torch.manual_seed(2)
     log_alpha = torch.randn(301, 67) * 3
+    log_alpha[0, :8] = torch.tensor([-300.0, -120.0, -60.0, -30.0, 30.0, 60.0, 120.0, 300.0])
     mask = (torch.rand(301, 67) > 0.4).float() if masked else None
     g_gates = torch.randn(301, 67) if with_g_gates else None
     la = log_alpha.clone().requires_grad_()
     torch.manual_seed(5)
-    gates, l0 = BF.hard_concrete_gates(la, mask)
+    gates, l0 = BF.hard_concrete_gates(la, mask, beta=beta)
     assert type(gates.grad_fn).__name__.startswith("_HardConcreteGatesCPU")
     torch.manual_seed(5)
     u = _fusedkernel.hc_uniform(log_alpha.shape, _fusedkernel.new_seed())
     ref_la = log_alpha.double().requires_grad_()
-    ref_gates = BF.hard_concrete_sample(ref_la, u.double())
-    p = BF.hard_concrete_prob_nonzero(ref_la)
+    ref_gates = BF.hard_concrete_sample(ref_la, u.double(), beta=beta)
+    p = BF.hard_concrete_prob_nonzero(ref_la, beta=beta)
     ref_l0 = (p * mask.double()).sum() if masked else p.sum()
     torch.testing.assert_close(gates, ref_gates.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(l0.double(), ref_l0, rtol=1e-5, atol=0.0)
@@ -213,7 +216,8 @@ def test_cpp_hard_concrete_kernel_equals_the_float64_formulas_on_its_noise(maske
 @pytest.mark.skipif(not _fusedkernel.available(), reason="no C++ compiler: the ATen formulas serve")
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("g_l0", [0.0, 0.3])
-def test_cpp_gated_weight_equals_the_float64_formulas_on_its_noise(masked, g_l0):
+@pytest.mark.parametrize("beta", [BF.HC_BETA, 0.9])
+def test_cpp_gated_weight_equals_the_float64_formulas_on_its_noise(masked, g_l0, beta):
     """``hard_concrete_weight`` (theta * gates in the gates' pass, both gradients in one backward pass) against
     ``theta * hard_concrete_sample`` and the expected L0 composed in float64 on the same noise."""
     torch.manual_seed(3)
@@ -224,13 +228,13 @@ def test_cpp_gated_weight_equals_the_float64_formulas_on_its_noise(masked, g_l0)
     g_w = torch.randn(301, 67)
     t, la = theta.clone().requires_grad_(), log_alpha.clone().requires_grad_()
     torch.manual_seed(7)
-    weight, l0 = BF.hard_concrete_weight(t, la, mask)
+    weight, l0 = BF.hard_concrete_weight(t, la, mask, beta=beta)
     assert type(weight.grad_fn).__name__.startswith("_HardConcreteWeightCPU")
     torch.manual_seed(7)
     u = _fusedkernel.hc_uniform(log_alpha.shape, _fusedkernel.new_seed()).double()
     ref_t, ref_la = theta.double().requires_grad_(), log_alpha.double().requires_grad_()
-    ref_weight = ref_t * BF.hard_concrete_sample(ref_la, u)
-    p = BF.hard_concrete_prob_nonzero(ref_la)
+    ref_weight = ref_t * BF.hard_concrete_sample(ref_la, u, beta=beta)
+    p = BF.hard_concrete_prob_nonzero(ref_la, beta=beta)
     ref_l0 = (p * mask.double()).sum() if masked else p.sum()
     torch.testing.assert_close(weight, ref_weight.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(l0.double(), ref_l0, rtol=1e-5, atol=0.0)
