@@ -476,8 +476,9 @@ class _HardConcreteWeightCPU(torch.autograd.Function):
         theta, log_alpha, mask, gates, deriv = ctx.saved_tensors
         beta, gamma, zeta = ctx.constants
         g_l0_value = 0.0 if g_l0 is None else float(g_l0)
+        # without a gradient for the weight theta gets none (None, not a tensor of zeros) and only L0's remains
         grad, g_theta = _fusedkernel.hc_backward(log_alpha, mask, g_weight, g_l0_value, (gates, deriv), beta, gamma,
-                                                 zeta, theta=theta)
+                                                 zeta, theta=theta if g_weight is not None else None)
         return g_theta, grad, None, None, None, None, None
 
 
