@@ -113,6 +113,26 @@ def test_l1_proximal_step_gives_exact_zeros():
     torch.testing.assert_close(bs.penalty(plain), 2.0 * plain.weight.abs().sum())
 
 
+def test_l1_penalty_value_and_gradient_with_and_without_a_fixed_mask():
+    """The penalty (one reduction while no mask is fixed) is 2 |w|_1 with gradient 2 sign(w); once a mask is
+    fixed only the kept weights count, and a weight at exactly 0 gets the subgradient 0."""
+    torch.manual_seed(1)
+    layer = bs.L1Linear.from_dense(nn.Linear(30, 20), penalty=2.0)
+    with torch.no_grad():
+        layer.raw_weight[0, :3] = 0.0
+    w = layer.raw_weight
+    ref = 2.0 * w.detach().double().abs().sum()
+    torch.testing.assert_close(bs.penalty(layer).double(), ref, rtol=1e-6, atol=0.0)
+    (g,) = torch.autograd.grad(bs.penalty(layer), w)
+    assert torch.equal(g, 2.0 * torch.sign(w.detach()))
+    keep = w.detach().abs() > 0.05
+    layer.set_mask_(keep)
+    torch.testing.assert_close(bs.penalty(layer).double(), 2.0 * (w.detach().double().abs() * keep).sum(),
+                               rtol=1e-6, atol=0.0)
+    (g,) = torch.autograd.grad(bs.penalty(layer), w)
+    assert torch.equal(g, 2.0 * torch.sign(w.detach()) * keep)
+
+
 def test_magnitude_criterion_one_shot_and_global():
     layer = bs.MagnitudeLinear.from_dense(nn.Linear(100, 50), quality=1.0)
     w = layer.weight.detach()
