@@ -36,6 +36,7 @@ __all__ = [
     "hard_concrete_test_gate",
     "hard_concrete_weight",
     "kl_log_uniform",
+    "l1_norm",
     "local_reparam",
     "local_reparam_moments",
     "log_alpha",
@@ -251,6 +252,40 @@ def soft_threshold_mask(weight: Tensor, tau: Tensor, temperature: float) -> Tens
         Azarian, Bhalgat, Lee, Blankevoort. Learned Threshold Pruning. 2020, Eq. 3.
     """
     return torch.sigmoid((weight * weight - tau) / temperature)
+
+
+class _L1Norm(torch.autograd.Function):
+    """``|w|_1`` with the backward ``sign(w) g`` in one allocation (``sign(w)`` scaled in place).
+
+    Autograd's own ``w.abs().sum()`` back-propagates through the sum's expanded gradient into ``abs``'s
+    ``grad * sgn(w)``: on a LeNet-300-100 step that made L1's penalty cost about 0.2 ms more than this form
+    (``benchmarks/step_cost.py``). Under ``create_graph=True`` the backward is the out-of-place product, whose
+    own derivatives are the true ones (``sign`` has derivative 0 almost everywhere).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return weight.abs().sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (weight,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward: keep the product differentiable
+            return torch.sign(weight) * grad
+        return torch.sign(weight).mul_(grad)
+
+
+def l1_norm(weight: Tensor) -> Tensor:
+    """``weight.abs().sum()``, value and (sub)gradient ``sign(w)`` (0 at 0, as ``abs``), with a cheaper backward.
+
+    Example:
+        >>> w = torch.tensor([1.5, -2.0, 0.0], requires_grad=True)
+        >>> l1_norm(w).backward()
+        >>> w.grad
+        tensor([ 1., -1.,  0.])
+    """
+    return _L1Norm.apply(weight)
 
 
 def soft_threshold(weight: Tensor, threshold: float) -> Tensor:

@@ -353,3 +353,18 @@ def test_fused_hard_concrete_gates_equal_the_composed_formulas():
         for a, b in zip(torch.autograd.grad(composed(log_alpha), log_alpha, cot),
                         torch.autograd.grad(fused(log_alpha), log_alpha, cot)):
             torch.testing.assert_close(a, b)
+
+
+def test_l1_norm_equals_abs_sum_in_value_gradient_and_second_derivatives():
+    """``l1_norm`` against ``abs().sum()``: gradcheck and gradgradcheck in float64 (away from the kink), the
+    subgradient 0 at exactly 0, and the same gradient through a weighted sum."""
+    torch.manual_seed(0)
+    w = torch.randn(7, 5, dtype=torch.float64)
+    w = (w + 0.2 * torch.sign(w)).requires_grad_()  # no entry near 0, where abs has its kink
+    assert torch.autograd.gradcheck(BF.l1_norm, (w,))
+    assert torch.autograd.gradgradcheck(lambda t: BF.l1_norm(t) * t.sum(), (w,))
+    v = torch.tensor([2.0, -3.0, 0.0, -0.0, 1e-30], requires_grad=True)
+    (g,) = torch.autograd.grad(BF.l1_norm(v) * 2.5, v)
+    (ref,) = torch.autograd.grad(v.abs().sum() * 2.5, v)
+    assert torch.equal(g, ref) and torch.equal(g, torch.tensor([2.5, -2.5, 0.0, 0.0, 2.5]))
+    assert torch.equal(BF.l1_norm(v), v.abs().sum())
