@@ -476,19 +476,18 @@ class _HardConcreteGatesCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_alpha: Tensor, mask: Optional[Tensor], seed: int, beta: float, gamma: float, zeta: float):
-        gates, l0, (_, deriv) = _fusedkernel.hc_forward(log_alpha, mask, seed, beta, gamma, zeta)
-        ctx.save_for_backward(log_alpha, mask, deriv)
+        gates, l0, saved = _fusedkernel.hc_forward(log_alpha, mask, seed, beta, gamma, zeta)
+        ctx.save_for_backward(log_alpha, mask, *saved)  # saved: (an empty tensor, the gates' derivatives)
         ctx.constants = (beta, gamma, zeta)
         return gates, l0
 
     @staticmethod
     def backward(ctx, g_gates: Optional[Tensor], g_l0: Optional[Tensor]):
         _refuse_double_backward("hard_concrete_gates")
-        log_alpha, mask, deriv = ctx.saved_tensors
+        log_alpha, mask, *saved = ctx.saved_tensors
         beta, gamma, zeta = ctx.constants
         g_l0_value = 0.0 if g_l0 is None else float(g_l0)
-        grad, _ = _fusedkernel.hc_backward(log_alpha, mask, g_gates, g_l0_value, (torch.empty(0), deriv), beta, gamma,
-                                           zeta)
+        grad, _ = _fusedkernel.hc_backward(log_alpha, mask, g_gates, g_l0_value, tuple(saved), beta, gamma, zeta)
         return grad, None, None, None, None, None
 
 
