@@ -40,6 +40,11 @@ class GroupL0(SparseLayer):
             ``"in"`` (a gate per input feature/channel, gating the weight columns).
         penalty: Strength of the group expected-L0 penalty in units of 1/N, finite and >= 0 (paper: 0.1).
         droprate_init: Initial gate drop rate p in (0, 1); log_alpha starts at log((1 - p) / p).
+        weight_decay: Strength of the gated (expected) L2 penalty, units of 1/N like ``penalty``, finite and
+            >= 0 (default 0: none). The regularizer adds ``weight_decay / 2 * sum_j P(z_j != 0) ||theta_j||^2``
+            over each unit's weights (Louizos et al. 2018, Sec. 2.4: the L2 norm under the gates), so a unit's
+            expected cost grows with its weights' size. Their code's weight decay 5e-4 per example is
+            ``weight_decay = 5e-4 * N`` here (30 for MNIST's 60k).
         warmup: See :data:`bayes_sparse.layers.base.COMMON_OPTIONS`.
 
     ``log_alpha`` has one entry per unit. On conversion the weight (and, for ``unit="out"``, the bias) is
@@ -67,6 +72,8 @@ class GroupL0(SparseLayer):
                           lambda v, n: check_number(v, n, low=0.0, hint="The paper uses 0.1 (i.e. 0.1/N)."),
                           "group expected-L0 penalty strength (per weight of a group), units of 1/N"),
         "droprate_init": L0.options["droprate_init"],
+        "weight_decay": Option(0.0, lambda v, n: check_number(v, n, low=0.0, hint="Use 0 for no L2 penalty."),
+                               "gated expected-L2 penalty strength, units of 1/N"),
     }
     penalty_strength = penalty_alias
 
@@ -121,14 +128,19 @@ class GroupL0(SparseLayer):
         return b * self.test_gates().to(b.dtype) * alive.to(b.dtype)
 
     def regularizer(self) -> Tensor:
-        """``penalty * sum_j |g_j| P(z_j != 0)``: the expected number of non-zero weights (kept ones only)."""
+        """``penalty * sum_j |g_j| P(z_j != 0)``: the expected number of non-zero weights (kept ones only),
+        plus ``weight_decay / 2 * sum_j P(z_j != 0) ||theta_j||^2`` when ``weight_decay`` is set."""
         p = BF.hard_concrete_prob_nonzero(self.log_alpha)
         if self.mask_fixed:
             sizes = U.reduce_to_units(self, self.weight_mask.to(p.dtype), self.unit)
         else:
             w = self.raw_weight
             sizes = torch.full_like(p, w.numel() / p.numel())
-        return self.penalty * (sizes * p).sum()
+        reg = self.penalty * (sizes * p).sum()
+        if self.weight_decay:
+            w = self._train_weight()
+            reg = reg + 0.5 * self.weight_decay * (U.reduce_to_units(self, w * w, self.unit).to(p.dtype) * p).sum()
+        return reg
 
     def _train_bias(self) -> Optional[Tensor]:
         """The bias in training: a unit the fixed mask removed entirely has no bias either."""

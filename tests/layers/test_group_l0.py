@@ -73,6 +73,48 @@ def test_penalty_is_the_group_expected_l0_by_hand(unit):
     assert float(bs.penalty(layer)) == pytest.approx(float(layer.regularizer())) and float(bs.kl(layer)) == 0
 
 
+@pytest.mark.parametrize("unit", ["out", "in"])
+def test_gated_weight_decay_by_hand(unit):
+    torch.manual_seed(0)
+    layer = bs.GroupL0Conv2d(4, 6, 3, groups=2, unit=unit, penalty=0.3, weight_decay=7.0)
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.linspace(-3, 3, layer.log_alpha.numel()))
+    la = layer.log_alpha.detach().double()
+    p = 1 / (1 + torch.exp(-(la - (2 / 3) * math.log(0.1 / 1.1))))
+    w = layer.raw_weight.detach().double()
+    # by hand, unit by unit: output channel j holds row j; input channel j of group g holds column j % 2 of
+    # that group's 3 output rows
+    sq = torch.stack([w[j].pow(2).sum() if unit == "out" else w[(j // 2) * 3:(j // 2 + 1) * 3, j % 2].pow(2).sum()
+                      for j in range(la.numel())])
+    size = 2 * 9 if unit == "out" else 3 * 9
+    expected = 0.3 * size * p.sum() + 0.5 * 7.0 * (p * sq).sum()
+    assert float(layer.regularizer()) == pytest.approx(float(expected), rel=1e-5)
+    # the gradient reaches both the weights (scaled by P(z != 0)) and the gates
+    layer.regularizer().backward()
+    g_w = layer.raw_weight.grad.double()
+    if unit == "out":
+        torch.testing.assert_close(g_w[0], 7.0 * p[0] * w[0])
+    assert layer.log_alpha.grad.abs().min() > 0
+    # once a mask is fixed, removed weights no longer count
+    mask = torch.ones_like(layer.weight_mask)
+    mask[0] = False
+    layer.set_mask_(mask)
+    w_kept = w * mask.double()
+    sq = torch.stack([w_kept[j].pow(2).sum() if unit == "out"
+                      else w_kept[(j // 2) * 3:(j // 2 + 1) * 3, j % 2].pow(2).sum() for j in range(la.numel())])
+    sizes = torch.stack([mask[j].sum() if unit == "out" else mask[(j // 2) * 3:(j // 2 + 1) * 3, j % 2].sum()
+                         for j in range(la.numel())]).double()
+    expected = 0.3 * (sizes * p).sum() + 0.5 * 7.0 * (p * sq).sum()
+    assert float(layer.regularizer()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_gated_weight_decay_rejects_bad_values():
+    with pytest.raises(ValueError, match="weight_decay"):
+        bs.GroupL0Linear(3, 2, weight_decay=-1.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        bs.GroupL0Linear(3, 2, weight_decay=float("nan"))
+
+
 def test_training_gates_are_per_example_and_unit():
     torch.manual_seed(0)
     layer = bs.GroupL0Linear(5, 3, bias=False)
