@@ -3,8 +3,9 @@
 Trains LeNet-5-Caffe (20-50-800-500) or LeNet-300-100 with a group method (``group_l0``: a hard-concrete gate
 per unit; ``group_vd``: Bayesian group variational dropout), thresholds it, shrinks it physically
 (:func:`bayes_sparse.export.shrink`) and measures, side by side in one process (interleaved rounds, median,
-1 thread), the dense original against the shrunk network at batch 1 and batch 64, in torch and in
-onnxruntime (when installed), and the shrunk network again through ``export.compile(kernel="auto")``.
+1 thread), the dense original against the shrunk network at batch 1 and batch 64, in torch (eager, and both
+traced, frozen and optimized for inference by TorchScript) and in onnxruntime (when installed), and the shrunk
+network again through ``export.compile(kernel="auto")``.
 
 Units are counted as the anchors count them (``../shared/ANCHORS.md``, "Structured"): LeNet-5 conv1 and conv2
 output channels, then the inputs of fc1 and fc2; LeNet-300-100 the inputs of its three layers.
@@ -253,6 +254,8 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
     reference = NETS[net_name]().eval()  # the unpruned architecture: the dense original every speedup is against
     compiled = bs.export.compile(shrunk, kernel="auto", batch_size=1, threads=1, example_input=example[:1])
     models = {"dense": reference, "shrunk": shrunk, "shrunk_compiled_auto": compiled}
+    models["torchscript_dense"] = torchscript_frozen(reference, example[:1])
+    models["torchscript_shrunk"] = torchscript_frozen(shrunk, example[:1])
     if inductor:  # both through torch.compile (inductor's C++ code on the CPU): the runtime gap at batch 1
         models["inductor_dense"] = torch.compile(reference, dynamic=False)
         models["inductor_shrunk"] = torch.compile(shrunk, dynamic=False)
@@ -269,6 +272,7 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
                              "speedup_shrunk_compiled_auto": t["dense"] / t["shrunk_compiled_auto"]}
         if "onnx_dense" in t:
             speed[str(batch)]["onnx_speedup_shrunk"] = t["onnx_dense"] / t["onnx_shrunk"]
+        speed[str(batch)]["torchscript_speedup_shrunk"] = t["torchscript_dense"] / t["torchscript_shrunk"]
         if "inductor_dense" in t:
             speed[str(batch)]["inductor_speedup_shrunk"] = t["inductor_dense"] / t["inductor_shrunk"]
             speed[str(batch)]["inductor_shrunk_over_eager_dense"] = t["dense"] / t["inductor_shrunk"]
@@ -282,6 +286,20 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
             "nonzero_parameters_shrunk": nonzero_shrunk, "macs_dense": macs_dense, "macs_shrunk": macs_shrunk,
             "flop_reduction": macs_dense / macs_shrunk, "speed": speed, "onnx_bytes": onnx_sizes,
             "compression_per_weight": bs.report(exported).compression}
+
+
+def torchscript_frozen(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` traced, frozen and passed through ``torch.jit.optimize_for_inference`` (oneDNN convolutions with
+    their weights prepacked once, fused ReLUs): a deployment runtime inside torch, applied alike to both models.
+    TorchScript is deprecated in torch 2.x but still ships; its warnings are silenced here. The result is checked
+    against the eager model on ``example``."""
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model.eval(), example)))
+        torch.testing.assert_close(scripted(example), model(example), rtol=1e-4, atol=1e-5)
+    return scripted
 
 
 def macs(model: nn.Module, x: torch.Tensor) -> int:
