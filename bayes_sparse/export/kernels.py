@@ -6,7 +6,10 @@ Linear and Conv layer runs on the kernel that is fastest for it at a given batch
 so the compiled model is never slower than the dense one at that setting, up to timing noise.
 Convolutions run as im2col (``F.unfold``) times a sparse matrix, laid out so that the sparse kernels read
 the columns and write the output without a transpose at batch size 1; grouped convolutions and Conv3d
-stay on the masked dense kernel.
+stay on the masked dense kernel. A dense convolution can also run as ``"dense_native"``: torch's own
+convolution with oneDNN switched off for the call, which is several times faster for small convolutions
+at batch 1 (oneDNN sets up each call afresh: about 25 us on this project's CPU; ``kernel="auto"`` times it
+beside oneDNN for every convolution on the CPU, the kept dense ones included).
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from ..layers.base import SUPPORTED_DENSE_TYPES, replace_each_
 from . import _csrkernel
 from .dense import dense_copy
 
-__all__ = ["KERNELS", "SparseKernel", "compile", "kernel_report"]
+__all__ = ["DENSE_NATIVE", "KERNELS", "SparseKernel", "compile", "kernel_report"]
 
 logger = logging.getLogger(__name__)
 
 KERNELS = ("dense", "csr", "bsr", "fast_csr")
+#: The dense convolution run with oneDNN off (torch's native kernel): a kernel for convolutions on the CPU,
+#: beside :data:`KERNELS` (which are weight formats).
+DENSE_NATIVE = "dense_native"
 _BSR_BLOCK = 4
 
 
@@ -111,6 +117,9 @@ def _supported(layer: nn.Module, kind: str) -> bool:
     """Whether ``kind`` can run ``layer``: its geometry, and its weight's dtype and device."""
     if kind == "dense":
         return True
+    if kind == DENSE_NATIVE:  # only where there is a oneDNN to switch off
+        return (isinstance(layer, nn.modules.conv._ConvNd) and layer.weight.device.type == "cpu"
+                and torch.backends.mkldnn.is_available())
     if not _runs(kind, layer.weight.dtype, layer.weight.device):
         return False
     if isinstance(layer, (nn.Conv3d,)) or (isinstance(layer, nn.modules.conv._ConvNd) and layer.groups != 1):
@@ -155,18 +164,23 @@ class SparseKernel(nn.Module):
         self.conv = isinstance(layer, nn.modules.conv._ConvNd)
         self.nd = len(layer.kernel_size) if self.conv else 0
         self._n_in = layer.in_channels if self.conv else layer.in_features  # checked on every call
-        if self.conv and kind != "dense":
+        if self.conv and kind not in ("dense", DENSE_NATIVE):
             self.kernel_size, self.stride = layer.kernel_size, layer.stride
             self.padding, self.dilation, self.padding_mode = layer.padding, layer.dilation, layer.padding_mode
             self.out_channels = layer.out_channels
             self.mm = _Matmul(w.reshape(w.shape[0], -1), layer.bias, kind)
-        elif self.conv:
-            self.layer = copy.deepcopy(layer).eval()  # masked dense convolution: torch's own kernel
+        elif self.conv:  # masked dense convolution: torch's own kernel (dense_native: with oneDNN off)
+            self.layer = copy.deepcopy(layer).eval()
             for p in self.layer.parameters():
                 p.requires_grad_(False)
         else:
             self.mm = _Matmul(w, layer.bias, kind)
         self._refresh()
+
+    @property
+    def _torch_conv(self) -> bool:
+        """Whether this runs a torch convolution layer (``dense`` or ``dense_native`` on a conv)."""
+        return self.conv and self.kind in ("dense", DENSE_NATIVE)
 
     def _describe(self) -> str:
         name = f" {self.name!r}" if self.name else ""
@@ -175,7 +189,7 @@ class SparseKernel(nn.Module):
     def _refresh(self) -> None:
         """Cache the dtype and device inputs must have (read on every call; ``nn.Module`` attribute lookups of
         submodules are slow): the kernel's storage, or the torch layer's weight for a dense convolution."""
-        store = self.layer.weight if self.conv and self.kind == "dense" else self.mm
+        store = self.layer.weight if self._torch_conv else self.mm
         self._dtype, self._device = store.dtype, store.device
 
     def _apply(self, fn: Callable, recurse: bool = True) -> "SparseKernel":
@@ -189,7 +203,8 @@ class SparseKernel(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"{self._describe()} expects a torch.Tensor input, got {type(x).__name__}")
         dtype, device = self._dtype, self._device
-        if x.dtype != dtype and not (self.kind == "dense" and torch.is_autocast_enabled(x.device.type)):
+        if x.dtype != dtype and not (self.kind in ("dense", DENSE_NATIVE)
+                                     and torch.is_autocast_enabled(x.device.type)):
             raise TypeError(f"{self._describe()} expects {dtype} inputs (the dtype of its weights), got "
                             f"{x.dtype}; convert the input with x.to({dtype}), or compile the model in the "
                             "input's dtype")
@@ -265,13 +280,25 @@ class SparseKernel(nn.Module):
             self._refuse(x)
         if self.kind == "dense":
             return self.layer(x)
+        if self.kind == DENSE_NATIVE:
+            return self._native(x)
         return self._conv(x)
+
+    def _native(self, x: Tensor) -> Tensor:
+        """The torch convolution with oneDNN off for this call (the flag is process-wide: another thread's
+        convolution during this call also runs without oneDNN, which changes its speed, not its meaning)."""
+        prev = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)  # what torch.backends.mkldnn.flags does, without its ~5 us
+        try:
+            return self.layer(x)
+        finally:
+            torch._C._set_mkldnn_enabled(prev)
 
     @property
     def weight(self) -> Tensor:
         """The dense weight, rebuilt from the kernel's storage, for code that reads ``layer.weight`` instead of
         calling the layer (``nn.MultiheadAttention`` reads ``out_proj.weight``); shaped like the original."""
-        if self.conv and self.kind == "dense":
+        if self._torch_conv:
             return self.layer.weight
         mm = self.mm
         if mm.kind == "dense":
@@ -286,7 +313,7 @@ class SparseKernel(nn.Module):
     @property
     def bias(self) -> Optional[Tensor]:
         """The bias (``None`` when the layer has none)."""
-        return self.layer.bias if self.conv and self.kind == "dense" else self.mm.bias
+        return self.layer.bias if self._torch_conv else self.mm.bias
 
     def extra_repr(self) -> str:
         return f"{self.source_type}, kernel={self.kind}, density={self.density:.4f}"
@@ -336,8 +363,8 @@ def _time_candidates(kinds: list[str], make: Callable[[str], Callable[[], Any]],
     Args:
         kinds: The candidates; ``"dense"`` first, it is always timed.
         make: Kernel name -> a call of it on the timing input (made only for the candidates timed).
-        floor: A cost every other candidate pays (im2col, for convolutions): measured beside dense first,
-            and when it alone takes as long as dense, nothing else is timed.
+        floor: A cost every im2col candidate pays (for convolutions): measured beside dense first, and when
+            it alone takes as long as dense, no candidate that pays it is timed (``dense_native`` still is).
 
     Returns:
         Kernel name -> seconds per call, for the candidates timed.
@@ -358,7 +385,8 @@ def _time_candidates(kinds: list[str], make: Callable[[str], Callable[[], Any]],
     if floor is not None:
         measure(["dense", "(floor)"])
         if samples["(floor)"][0] >= samples["dense"][0]:
-            return {"dense": samples["dense"][0]}
+            kinds = [k for k in kinds if k in ("dense", DENSE_NATIVE)]
+            others = [k for k in others if k == DENSE_NATIVE]
         measure(others)
     else:
         measure(["dense", *others])
@@ -370,8 +398,9 @@ def _time_candidates(kinds: list[str], make: Callable[[str], Callable[[], Any]],
 
 
 def _candidates(layer: nn.Module) -> list[str]:
-    """The kernels that can run ``layer`` and can win: BSR only with well-filled blocks."""
-    kinds = [k for k in KERNELS if _supported(layer, k)]
+    """The kernels that can run ``layer`` and can win: BSR only with well-filled blocks; ``dense_native`` for
+    convolutions on the CPU."""
+    kinds = [k for k in KERNELS + (DENSE_NATIVE,) if _supported(layer, k)]
     if "bsr" in kinds:
         w = layer.weight.detach()
         w = w.reshape(w.shape[0], -1)
@@ -404,19 +433,22 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
     Args:
         model: A thresholded sparse model (``threshold_``) or a plain model with pruned (zero) weights.
         kernel: ``"dense"`` (masked dense), ``"csr"`` / ``"bsr"`` (torch sparse, BSR with 4x4 blocks),
-            ``"fast_csr"`` (this package's C++ kernel) or ``"auto"``: per layer, the fastest of those that
-            support it and can win, timed at ``batch_size`` and ``threads`` (see below). A layer a kernel
-            cannot run (its geometry, dtype or device) stays dense.
+            ``"fast_csr"`` (this package's C++ kernel), ``"dense_native"`` (convolutions on the CPU: torch's
+            dense convolution with oneDNN off, see the module's docstring) or ``"auto"``: per layer, the
+            fastest of those that support it and can win, timed at ``batch_size`` and ``threads`` (see
+            below). A layer a kernel cannot run (its geometry, dtype or device) stays dense.
         batch_size: Batch size to time at (``"auto"``).
         threads: Thread count to time at (``"auto"``); the compiled model does not change torch's setting.
         example_input: One input batch; needed by ``"auto"`` when the model has convolutions (to know
             their spatial size). Its batch dimension is replaced by ``batch_size``.
-        max_density: Layers denser than this stay on the dense kernel whatever ``kernel`` says (sparse
-            formats cannot win there, and converting, say, an unpruned 100M-weight layer costs minutes).
+        max_density: Layers denser than this stay on a dense kernel whatever ``kernel`` says (sparse
+            formats cannot win there, and converting, say, an unpruned 100M-weight layer costs minutes);
+            ``"auto"`` still times ``dense_native`` against ``dense`` for such a convolution.
         timing_cache: A dict to keep ``"auto"``'s timings in, to share them across calls (e.g. compiling
             several models on the same machine); by default each call has its own.
 
-    ``kernel="auto"`` times only candidates that can win: BSR only when the mask's 4x4 blocks are at
+    ``kernel="auto"`` times only candidates that can win: ``dense_native`` only for CPU convolutions, BSR
+    only when the mask's 4x4 blocks are at
     least half full; for a convolution, the im2col step that every sparse kernel runs is timed beside the
     dense convolution first, and when it alone is as slow, nothing else is timed; after a first short
     round, candidates over twice as slow as the fastest are dropped. Timings are kept by layer type,
@@ -446,8 +478,8 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
     """
     check_module(model)
     max_density = check_number(max_density, "max_density", low=0.0, high=1.0)
-    if kernel not in KERNELS + ("auto",):
-        raise ValueError(f"unknown kernel {kernel!r}; known: auto, {', '.join(KERNELS)}")
+    if kernel not in KERNELS + (DENSE_NATIVE, "auto"):
+        raise ValueError(f"unknown kernel {kernel!r}; known: auto, {', '.join(KERNELS + (DENSE_NATIVE,))}")
     check_positive_int(batch_size, "batch_size")
     check_positive_int(threads, "threads")
     if timing_cache is not None and not isinstance(timing_cache, dict):
@@ -474,8 +506,10 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
         return made
 
     def pick(name: str, layer: nn.Module) -> SparseKernel:
-        if float((layer.weight != 0).float().mean()) > max_density:
-            return SparseKernel(layer, "dense")
+        too_dense = float((layer.weight != 0).float().mean()) > max_density
+        if too_dense and (kernel != "auto" or not _supported(layer, DENSE_NATIVE)):
+            native = kernel == DENSE_NATIVE and _supported(layer, DENSE_NATIVE)
+            return SparseKernel(layer, DENSE_NATIVE if native else "dense")
         if kernel != "auto":
             if _supported(layer, kernel):
                 return SparseKernel(layer, kernel)
@@ -492,7 +526,7 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
             x = torch.randn(batch_size, layer.in_features, **like)
         else:  # a convolution the example forward did not reach: nothing to time it on
             return SparseKernel(layer, "dense")
-        kinds = _candidates(layer)
+        kinds = ["dense", DENSE_NATIVE] if too_dense else _candidates(layer)
         key = _timing_key(layer, x, threads, kinds)
         cached = key in cache
         made: dict[str, SparseKernel] = {}
@@ -504,8 +538,9 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
 
         if not cached:
             floor = None
-            if len(kinds) > 1 and isinstance(layer, nn.modules.conv._ConvNd):
-                probe = get(kinds[1])  # a sparse convolution: its im2col step is the floor
+            im2col = [k for k in kinds if k not in ("dense", DENSE_NATIVE)]
+            if im2col and isinstance(layer, nn.modules.conv._ConvNd):
+                probe = get(im2col[0])  # a sparse convolution: its im2col step is the floor
                 floor = lambda: probe.columns(x)  # noqa: E731
             with _Threads(threads):
                 cache[key] = _time_candidates(kinds, lambda kind: (lambda m=get(kind): m(x)), floor)

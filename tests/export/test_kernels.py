@@ -63,7 +63,7 @@ def test_the_cpp_kernel_is_built_where_a_compiler_exists():
 
 
 def test_compile_errors():
-    with pytest.raises(ValueError, match="unknown kernel 'coo'; known: auto, dense, csr, bsr, fast_csr"):
+    with pytest.raises(ValueError, match="unknown kernel 'coo'; known: auto, dense, csr, bsr, fast_csr, dense_native"):
         bs.export.compile(nn.Linear(2, 2), kernel="coo")
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         bs.export.compile(nn.Linear(2, 2), batch_size=0)
@@ -221,7 +221,7 @@ def test_auto_conv_choice_is_among_what_was_timed_and_matches_dense():
     torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["dense", "csr", "bsr", "fast_csr"])
+@pytest.mark.parametrize("kind", ["dense", "csr", "bsr", "fast_csr", "dense_native"])
 def test_compiled_layers_expose_their_dense_weight_to_readers(kind):
     from bayes_sparse.export.kernels import _supported
 
@@ -230,7 +230,7 @@ def test_compiled_layers_expose_their_dense_weight_to_readers(kind):
     with torch.no_grad():
         for m in net:
             m.weight.mul_(torch.rand_like(m.weight) > 0.7)
-    if not _supported(net[0], kind):
+    if not any(_supported(m, kind) for m in net):
         pytest.skip(f"{kind} unavailable here")
     compiled = bs.export.compile(net, kernel=kind, max_density=1.0)
     for a, b in zip(compiled, net):
@@ -240,3 +240,70 @@ def test_compiled_layers_expose_their_dense_weight_to_readers(kind):
     compiled = bs.export.compile(mha, kernel=kind, max_density=1.0)  # the attention code reads out_proj.weight
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, x, x)[0], mha(x, x, x)[0], rtol=1e-5, atol=1e-5)
+
+
+# ----- dense_native: torch's dense convolution with oneDNN off for the call --------------------------------
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("conv", [lambda: nn.Conv1d(4, 6, 3, padding=1), lambda: nn.Conv2d(4, 6, 3, stride=2),
+                                  lambda: nn.Conv2d(4, 8, 3, groups=2, padding="same"),
+                                  lambda: nn.Conv3d(2, 3, 2)], ids=["conv1d", "conv2d", "grouped", "conv3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_native_matches_the_onednn_convolution_and_restores_the_flag(conv, dtype):
+    torch.manual_seed(0)
+    layer = conv().to(dtype).eval()
+    x = torch.randn(3, layer.in_channels, *([7] * (layer.weight.dim() - 2)), dtype=dtype)
+    fast = bs.export.SparseKernel(layer, "dense_native")
+    assert torch.backends.mkldnn.enabled
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), layer(x))
+        torch.testing.assert_close(fast(x[0]), layer(x[0]))  # unbatched
+    assert torch.backends.mkldnn.enabled  # switched back on after the call
+    assert torch.equal(fast.weight, layer.weight) and torch.equal(fast.bias, layer.bias)
+    # an error inside the convolution leaves the flag as it was, on or off
+    seen = []
+
+    def boom(_):
+        seen.append(torch.backends.mkldnn.enabled)
+        raise RuntimeError("boom")
+
+    fast.layer.forward = boom
+    for setting in (True, False):
+        with torch.backends.mkldnn.flags(enabled=setting):
+            with pytest.raises(RuntimeError, match="boom"):
+                fast(x)
+            assert torch.backends.mkldnn.enabled == setting
+    assert seen == [False, False]  # off during the call
+
+
+@needs_onednn
+def test_compile_dense_native_runs_convolutions_only_and_auto_times_it_on_kept_dense_convolutions():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
+    x = torch.randn(1, 1, 12, 12)
+    fast = bs.export.compile(net, kernel="dense_native")  # unpruned: above max_density, still dense_native
+    assert [r["kernel"] for r in kernel_report(fast)] == ["dense_native", "dense"]  # a Linear has no oneDNN path
+    torch.testing.assert_close(fast(x), net(x))
+    auto = bs.export.compile(net, kernel="auto", example_input=x)
+    conv, lin = kernel_report(auto)
+    assert set(conv["timings"]) == {"dense", "dense_native"}
+    assert conv["kernel"] == min(conv["timings"], key=conv["timings"].get)
+    assert lin["kernel"] == "dense" and lin["timings"] == {}  # an unpruned Linear: nothing to time
+    torch.testing.assert_close(auto(x), net(x))
+    # a pruned convolution: the sparse kernels and both dense ones are timed, whatever the im2col floor
+    sparse = nn.Sequential(_pruned(nn.Conv2d(8, 16, 3, padding=1), 0.05)).eval()
+    r = kernel_report(bs.export.compile(sparse, kernel="auto", example_input=torch.randn(1, 8, 12, 12)))[0]
+    assert {"dense", "dense_native"} <= set(r["timings"])
+
+
+def test_dense_native_is_no_candidate_without_onednn(monkeypatch):
+    from bayes_sparse.export.kernels import _candidates, _supported
+
+    conv = nn.Conv2d(2, 3, 3)
+    assert not _supported(nn.Linear(3, 3), "dense_native")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert not _supported(conv, "dense_native") and "dense_native" not in _candidates(conv)
+    with pytest.raises(ValueError, match="kernel 'dense_native' does not support Linear"):
+        bs.export.SparseKernel(nn.Linear(3, 3), "dense_native")
