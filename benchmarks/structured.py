@@ -5,7 +5,7 @@ per unit; ``group_vd``: Bayesian group variational dropout), thresholds it, shri
 (:func:`bayes_sparse.export.shrink`) and measures, side by side in one process (interleaved rounds, median,
 1 thread), the dense original against the shrunk network at batch 1 and batch 64, in torch (eager, and both
 traced, frozen and optimized for inference by TorchScript) and in onnxruntime (when installed), and the shrunk
-network again through ``export.compile(kernel="auto")``.
+network again through ``export.compile(kernel="auto")`` (beside the dense original compiled alike).
 
 Units are counted as the anchors count them (``../shared/ANCHORS.md``, "Structured"): LeNet-5 conv1 and conv2
 output channels, then the inputs of fc1 and fc2; LeNet-300-100 the inputs of its three layers.
@@ -253,7 +253,9 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
         f"{params_dense} -> {params_shrunk}, max output gap {gap:.2e}")
     reference = NETS[net_name]().eval()  # the unpruned architecture: the dense original every speedup is against
     compiled = bs.export.compile(shrunk, kernel="auto", batch_size=1, threads=1, example_input=example[:1])
-    models = {"dense": reference, "shrunk": shrunk, "shrunk_compiled_auto": compiled}
+    dense_compiled = bs.export.compile(reference, kernel="auto", batch_size=1, threads=1, example_input=example[:1])
+    models = {"dense": reference, "shrunk": shrunk, "shrunk_compiled_auto": compiled,
+              "dense_compiled_auto": dense_compiled}
     models["torchscript_dense"] = torchscript_frozen(reference, example[:1])
     models["torchscript_shrunk"] = torchscript_frozen(shrunk, example[:1])
     if inductor:  # both through torch.compile (inductor's C++ code on the CPU): the runtime gap at batch 1
@@ -269,7 +271,8 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
     for batch, t in seconds.items():
         speed[str(batch)] = {"ms": {k: 1e3 * v for k, v in t.items()},
                              "speedup_shrunk": t["dense"] / t["shrunk"],
-                             "speedup_shrunk_compiled_auto": t["dense"] / t["shrunk_compiled_auto"]}
+                             "speedup_shrunk_compiled_auto": t["dense"] / t["shrunk_compiled_auto"],
+                             "speedup_both_compiled_auto": t["dense_compiled_auto"] / t["shrunk_compiled_auto"]}
         if "onnx_dense" in t:
             speed[str(batch)]["onnx_speedup_shrunk"] = t["onnx_dense"] / t["onnx_shrunk"]
         speed[str(batch)]["torchscript_speedup_shrunk"] = t["torchscript_dense"] / t["torchscript_shrunk"]
