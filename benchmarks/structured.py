@@ -310,7 +310,20 @@ def macs(model: nn.Module, x: torch.Tensor) -> int:
     return bench_metrics.macs(model, x)["dense"]
 
 
+def implied_macs(net_name: str, units: list[int]) -> int:
+    """Multiply-accumulates per image implied by the units kept, counted as the anchors count units, so that
+    every run and every anchor is priced alike: LeNet-5 ``[c1, c2, fc1 inputs, fc2 inputs]`` (24x24 and 8x8
+    convolution outputs, 5x5 kernels), LeNet-300-100 the inputs of its three layers."""
+    if net_name == "lenet5":
+        c1, c2, f1, f2 = units
+        return c1 * 25 * 24 * 24 + c2 * c1 * 25 * 8 * 8 + f1 * f2 + f2 * 10
+    i, h1, h2 = units
+    return i * h1 + h1 * h2 + h2 * 10
+
+
 def plot() -> None:
+    """``results/structured.png``: units kept per layer (top) and test error against the multiply-accumulates
+    the units imply (bottom, anchors as stars), for LeNet-5 and LeNet-300-100."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,24 +334,37 @@ def plot() -> None:
     if not files:
         print("no results to plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, net_name in zip(axes, ["lenet5", "lenet300"]):
+    runs = [(f, json.loads(f.read_text())) for f in files]
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9))
+    for col, net_name in enumerate(["lenet5", "lenet300"]):
+        top, bottom = axes[0, col], axes[1, col]
         labels = [f"L{i + 1}" for i in range(len(LAYERS[net_name]))]
         for name, (units, err) in ANCHORS[net_name].items():
-            ax.plot(labels, units, "o--", alpha=0.5, label=f"{name} ({err}%)")
-        for f in files:
-            r = json.loads(f.read_text())
-            if r["net"] == net_name:
-                ax.plot(labels, r["units_kept"], "s-", linewidth=2,
-                        label=f"bayes_sparse {f.stem.removeprefix('structured_' + net_name + '_')} "
-                              f"({r['test_error_percent']:.2f}%)")
-        ax.set_yscale("log")
-        ax.set_title(f"{net_name}: units kept per layer (lower is smaller)")
-        ax.set_ylabel("units kept")
-        ax.legend(fontsize=7)
+            line, = top.plot(labels, units, "o--", alpha=0.5, label=f"{name} ({err}%)")
+            bottom.plot(implied_macs(net_name, units), err, "*", markersize=14, color=line.get_color(), alpha=0.7)
+            bottom.annotate(name, (implied_macs(net_name, units), err), fontsize=7, xytext=(5, 3),
+                            textcoords="offset points")
+        for f, r in runs:
+            if r["net"] != net_name:
+                continue
+            name = f.stem.removeprefix(f"structured_{net_name}_")
+            line, = top.plot(labels, r["units_kept"], "s-", linewidth=1.5,
+                             label=f"{name} ({r['test_error_percent']:.2f}%)")
+            bottom.plot(implied_macs(net_name, r["units_kept"]), r["test_error_percent"], "s",
+                        color=line.get_color(), markersize=7)
+        top.set_yscale("log")
+        top.set_title(f"{net_name}: units kept per layer (lower is smaller)")
+        top.set_ylabel("units kept")
+        top.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        bottom.set_xscale("log")
+        bottom.set_xlabel("multiply-accumulates per image implied by the units kept (log)")
+        bottom.set_ylabel("test error %")
+        bottom.set_title(f"{net_name}: error against size (squares: bayes_sparse runs, colours as above; "
+                         "stars: anchors)", fontsize=9)
+        bottom.grid(alpha=0.3)
     fig.tight_layout()
     out = RESULTS / "structured.png"
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 
 
