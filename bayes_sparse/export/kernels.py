@@ -41,6 +41,8 @@ KERNELS = ("dense", "csr", "bsr", "fast_csr")
 #: The dense convolution run with oneDNN off (torch's native kernel): a kernel for convolutions on the CPU,
 #: beside :data:`KERNELS` (which are weight formats).
 DENSE_NATIVE = "dense_native"
+#: The kernels that run the torch layer itself (no im2col, no weight format of their own).
+_TORCH_KINDS = ("dense", DENSE_NATIVE)
 _BSR_BLOCK = 4
 
 
@@ -164,7 +166,7 @@ class SparseKernel(nn.Module):
         self.conv = isinstance(layer, nn.modules.conv._ConvNd)
         self.nd = len(layer.kernel_size) if self.conv else 0
         self._n_in = layer.in_channels if self.conv else layer.in_features  # checked on every call
-        if self.conv and kind not in ("dense", DENSE_NATIVE):
+        if self.conv and kind not in _TORCH_KINDS:
             self.kernel_size, self.stride = layer.kernel_size, layer.stride
             self.padding, self.dilation, self.padding_mode = layer.padding, layer.dilation, layer.padding_mode
             self.out_channels = layer.out_channels
@@ -180,7 +182,7 @@ class SparseKernel(nn.Module):
     @property
     def _torch_conv(self) -> bool:
         """Whether this runs a torch convolution layer (``dense`` or ``dense_native`` on a conv)."""
-        return self.conv and self.kind in ("dense", DENSE_NATIVE)
+        return self.conv and self.kind in _TORCH_KINDS
 
     def _describe(self) -> str:
         name = f" {self.name!r}" if self.name else ""
@@ -203,8 +205,7 @@ class SparseKernel(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"{self._describe()} expects a torch.Tensor input, got {type(x).__name__}")
         dtype, device = self._dtype, self._device
-        if x.dtype != dtype and not (self.kind in ("dense", DENSE_NATIVE)
-                                     and torch.is_autocast_enabled(x.device.type)):
+        if x.dtype != dtype and not (self.kind in _TORCH_KINDS and torch.is_autocast_enabled(x.device.type)):
             raise TypeError(f"{self._describe()} expects {dtype} inputs (the dtype of its weights), got "
                             f"{x.dtype}; convert the input with x.to({dtype}), or compile the model in the "
                             "input's dtype")
@@ -385,7 +386,7 @@ def _time_candidates(kinds: list[str], make: Callable[[str], Callable[[], Any]],
     if floor is not None:
         measure(["dense", "(floor)"])
         if samples["(floor)"][0] >= samples["dense"][0]:
-            kinds = [k for k in kinds if k in ("dense", DENSE_NATIVE)]
+            kinds = [k for k in kinds if k in _TORCH_KINDS]
             others = [k for k in others if k == DENSE_NATIVE]
             if not others:
                 return {"dense": samples["dense"][0]}
@@ -509,9 +510,9 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
 
     def pick(name: str, layer: nn.Module) -> SparseKernel:
         too_dense = float((layer.weight != 0).float().mean()) > max_density
-        if too_dense and (kernel != "auto" or not _supported(layer, DENSE_NATIVE)):
-            native = kernel == DENSE_NATIVE and _supported(layer, DENSE_NATIVE)
-            return SparseKernel(layer, DENSE_NATIVE if native else "dense")
+        # a dense layer stays on a torch kernel: dense_native when asked for (or, under auto, timed below)
+        if too_dense and kernel != DENSE_NATIVE and not (kernel == "auto" and _supported(layer, DENSE_NATIVE)):
+            return SparseKernel(layer, "dense")
         if kernel != "auto":
             if _supported(layer, kernel):
                 return SparseKernel(layer, kernel)
@@ -540,7 +541,7 @@ def compile(model: nn.Module, kernel: str = "auto", batch_size: int = 1, threads
 
         if not cached:
             floor = None
-            im2col = [k for k in kinds if k not in ("dense", DENSE_NATIVE)]
+            im2col = [k for k in kinds if k not in _TORCH_KINDS]
             if im2col and isinstance(layer, nn.modules.conv._ConvNd):
                 probe = get(im2col[0])  # a sparse convolution: its im2col step is the floor
                 floor = lambda: probe.columns(x)  # noqa: E731
