@@ -518,9 +518,10 @@ def _run_bench(config: Config, out: Path, trainings: list[Training], jobs: int, 
         # each worker watches for the sweep's end from its start, before it has a training to run
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1,
                                  initializer=_end_with_parent) as pool:
-            pending = {pool.submit(execute, config, t, str(out), device, slots, jobs > 1, progress): t
-                       for t in todo}
-            try:
+            pending: dict = {}
+            try:  # the submissions too: a worker starts on submit, and Ctrl-C/SIGTERM can land between two
+                for t in todo:
+                    pending[pool.submit(execute, config, t, str(out), device, slots, jobs > 1, progress)] = t
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in finished:
