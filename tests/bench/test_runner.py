@@ -385,6 +385,18 @@ def _group_pids(pgid: int) -> set[int]:
     return pids
 
 
+def _with_torch_loaded(pids: set[int]) -> set[int]:
+    """The processes among ``pids`` that have libtorch mapped (Linux /proc)."""
+    loaded = set()
+    for pid in pids:
+        try:
+            if "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+                loaded.add(pid)
+        except OSError:
+            continue
+    return loaded
+
+
 def _wait_for(predicate, timeout: float) -> bool:
     import time
     end = time.monotonic() + timeout
@@ -465,8 +477,12 @@ def test_a_killed_sweep_leaves_no_worker_training_on(tmp_path, signal_name):
                              str(tmp_path / "out"), "--jobs", "2", "--no-progress"],
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        # the command, the multiprocessing manager and two training workers (plus the resource tracker)
-        assert _wait_for(lambda: len(_group_pids(proc.pid)) >= 4, 120), _group_pids(proc.pid)
+        # the multiprocessing manager and both training workers past their start: each imports torch (for its
+        # initializer) only after reading all the command sent it, so the command has recorded it as its worker.
+        # Counting processes alone raced: a worker still being spawned counts, but is not yet the pool's, and a
+        # signal then rightly reports 0 trainings ended (seen in CI).
+        assert _wait_for(lambda: len(_with_torch_loaded(_group_pids(proc.pid) - {proc.pid})) >= 3, 120), \
+            _group_pids(proc.pid)
         os.kill(proc.pid, getattr(signal, signal_name))
         proc.wait(timeout=60)
         if signal_name == "SIGTERM":
