@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -190,13 +190,16 @@ def finetune(net_name: str, net: nn.Module, data: bs.data.MNIST, epochs: int, lr
     return curve
 
 
-def time_side_by_side(models: dict[str, Callable[[torch.Tensor], object]], inputs: dict[int, torch.Tensor],
-                      rounds: int = 15, min_seconds: float = 0.02) -> dict[int, dict[str, float]]:
-    """Median seconds per call of each model at each batch size, interleaved rounds, 1 thread."""
+def time_side_by_side(models: dict[str, Union[Callable[[torch.Tensor], object], dict[int, Callable]]],
+                      inputs: dict[int, torch.Tensor], rounds: int = 15,
+                      min_seconds: float = 0.02) -> dict[int, dict[str, float]]:
+    """Median seconds per call of each model at each batch size, interleaved rounds, 1 thread. A model given as
+    ``{batch: callable}`` (one compiled for each batch size) runs its own callable at each batch."""
     out = {}
     for batch, x in inputs.items():
         reps = {}
-        for name, fn in models.items():  # warm up and size the repetitions to ~min_seconds
+        at_batch = {name: fn[batch] if isinstance(fn, dict) else fn for name, fn in models.items()}
+        for name, fn in at_batch.items():  # warm up and size the repetitions to ~min_seconds
             fn(x)
             start, k = time.perf_counter(), 0
             while time.perf_counter() - start < min_seconds:
@@ -205,7 +208,7 @@ def time_side_by_side(models: dict[str, Callable[[torch.Tensor], object]], input
             reps[name] = max(1, k)
         times: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(rounds):
-            for name, fn in models.items():
+            for name, fn in at_batch.items():
                 start = time.perf_counter()
                 for _ in range(reps[name]):
                     fn(x)
@@ -251,8 +254,11 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
     log(f"shrunk: error {100 * err_shrunk:.2f}% (thresholded model {100 * err_sparse:.2f}%), parameters "
         f"{params_dense} -> {params_shrunk}, max output gap {gap:.2e}")
     reference = NETS[net_name]().eval()  # the unpruned architecture: the dense original every speedup is against
-    compiled = bs.export.compile(shrunk, kernel="auto", batch_size=1, threads=1, example_input=example[:1])
-    dense_compiled = bs.export.compile(reference, kernel="auto", batch_size=1, threads=1, example_input=example[:1])
+    # compile(kernel="auto") picks each layer's kernel by timing it at one batch size: one model per batch timed
+    compiled = {b: bs.export.compile(shrunk, kernel="auto", batch_size=b, threads=1, example_input=example[:1])
+                for b in (1, 64)}
+    dense_compiled = {b: bs.export.compile(reference, kernel="auto", batch_size=b, threads=1,
+                                           example_input=example[:1]) for b in (1, 64)}
     models = {"dense": reference, "shrunk": shrunk, "shrunk_compiled_auto": compiled,
               "dense_compiled_auto": dense_compiled}
     models["torchscript_dense"] = torchscript_frozen(reference, example[:1])
@@ -261,7 +267,8 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
         models["inductor_dense"] = torch.compile(reference, dynamic=False)
         models["inductor_shrunk"] = torch.compile(shrunk, dynamic=False)
     with torch.inference_mode():
-        calls = {k: (lambda m: (lambda x: m(x)))(m) for k, m in models.items()}
+        calls = {k: ({b: (lambda f: (lambda x: f(x)))(f) for b, f in m.items()} if isinstance(m, dict)
+                     else (lambda f: (lambda x: f(x)))(m)) for k, m in models.items()}
         with tempfile.TemporaryDirectory() as tmp:
             onnx_calls, onnx_sizes = onnx_runners({"dense": reference, "shrunk": shrunk}, example[:1], Path(tmp))
             calls.update(onnx_calls)
