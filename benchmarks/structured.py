@@ -330,6 +330,9 @@ def implied_macs(net_name: str, units: list[int]) -> int:
     return i * h1 + h1 * h2 + h2 * 10
 
 
+RUN_MARKERS = ["s", "^", "D", "v", "P", "X"]
+
+
 def plot() -> None:
     """``results/structured.png``: units kept per layer (top) and test error against the multiply-accumulates
     the units imply (bottom, anchors as stars), for LeNet-5 and LeNet-300-100."""
@@ -353,14 +356,14 @@ def plot() -> None:
             at = (implied_macs(net_name, units), err)
             bottom.plot(*at, "*", markersize=14, color=line.get_color(), alpha=0.7)
             bottom.annotate(name, at, fontsize=7, xytext=(5, 3), textcoords="offset points")
-        for f, r in runs:
-            if r["net"] != net_name:
-                continue
+        mine = [(f, r) for f, r in runs if r["net"] == net_name]
+        for i, (f, r) in enumerate(mine):  # a colour and marker pair of its own for each run (unique below 60)
+            style = dict(color=plt.cm.tab20(i % 20), marker=RUN_MARKERS[i % len(RUN_MARKERS)])
             name = f.stem.removeprefix(f"structured_{net_name}_")
-            line, = top.plot(labels, r["units_kept"], "s-", linewidth=1.5,
-                             label=f"{name} ({r['test_error_percent']:.2f}%)")
-            bottom.plot(implied_macs(net_name, r["units_kept"]), r["test_error_percent"], "s",
-                        color=line.get_color(), markersize=7)
+            top.plot(labels, r["units_kept"], "-", linewidth=1.5, label=f"{name} ({r['test_error_percent']:.2f}%)",
+                     **style)
+            bottom.plot(implied_macs(net_name, r["units_kept"]), r["test_error_percent"], linestyle="none",
+                        markersize=7, **style)
         top.set_yscale("log")
         top.set_title(f"{net_name}: units kept per layer (lower is smaller)")
         top.set_ylabel("units kept")
@@ -368,7 +371,7 @@ def plot() -> None:
         bottom.set_xscale("log")
         bottom.set_xlabel("multiply-accumulates per image implied by the units kept (log)")
         bottom.set_ylabel("test error %")
-        bottom.set_title(f"{net_name}: error against size (squares: bayes_sparse runs, colours as above; "
+        bottom.set_title(f"{net_name}: error against size (bayes_sparse runs: colour and marker as above; "
                          "stars: anchors)", fontsize=9)
         bottom.grid(alpha=0.3)
     fig.tight_layout()
