@@ -270,8 +270,10 @@ def evaluate(net_name: str, sparse: nn.Module, data: bs.data.MNIST, log: Callabl
         models["inductor_dense"] = torch.compile(reference, dynamic=False)
         models["inductor_shrunk"] = torch.compile(shrunk, dynamic=False)
     with torch.inference_mode():
-        calls = {k: ({b: (lambda f: (lambda x: f(x)))(f) for b, f in m.items()} if isinstance(m, dict)
-                     else (lambda f: (lambda x: f(x)))(m)) for k, m in models.items()}
+        def call(f):  # every model timed through one Python call of the same shape
+            return lambda x: f(x)
+
+        calls = {k: {b: call(f) for b, f in m.items()} if isinstance(m, dict) else call(m) for k, m in models.items()}
         with tempfile.TemporaryDirectory() as tmp:
             onnx_calls, onnx_sizes = onnx_runners({"dense": reference, "shrunk": shrunk}, example[:1], Path(tmp))
             calls.update(onnx_calls)
